@@ -1,0 +1,31 @@
+# The two commands the README starts with: `make train` and `make test`.
+# Both create .venv and install the project into it first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+# torch goes in first, pinned, so a CPU-only machine never resolves the
+# project's `torch>=2.6` to a CUDA build; an existing torch is kept.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The main job: tiny Llama on built-in passkey retrieval, $(NPROC) ranks (gloo on CPU).
+train: setup
+	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m lctrain.train experiment=cpu_demo $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

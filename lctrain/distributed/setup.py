@@ -1,0 +1,112 @@
+"""Process-group set-up and the few collectives the trainer needs.
+
+Everything here runs on CPU with gloo (CI has no GPU), so no torch.cuda calls
+beyond choosing the device and backend.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: Optional[str]  # None: single process without a process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA), or run alone.
+
+    Under plain `python` (no RANK/WORLD_SIZE in the environment) no process group
+    is created and every collective below degrades to a no-op.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    backend = None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if use_cuda else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+    return DistEnv(rank, world, local_rank, local_world, dev, backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_ranks_flag(flag: bool, device: torch.device, group=None) -> List[int]:
+    """Ranks (within group) whose local flag is set; every rank gets the same list."""
+    if not dist.is_initialized():
+        return [0] if flag else []
+    world = dist.get_world_size(group)
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
+    flags[dist.get_rank(group)] = int(flag)
+    dist.all_reduce(flags, group=group)
+    return [r for r in range(world) if flags[r].item()]
+
+
+def broadcast_string(text: str, device: torch.device, src: int = 0, max_bytes: int = 4096) -> str:
+    """Rank src's string on every rank, sent as a fixed-size byte tensor (no pickle)."""
+    if not dist.is_initialized():
+        return text
+    data = text.encode()
+    if len(data) > max_bytes:
+        raise ValueError(f"string of {len(data)} bytes exceeds broadcast limit {max_bytes}")
+    buf = torch.zeros(max_bytes + 8, dtype=torch.uint8, device=device)
+    if dist.get_rank() == src:
+        buf[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+        buf[8:8 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    dist.broadcast(buf, src=src)
+    raw = bytes(buf.cpu().tolist())
+    return raw[8:8 + int.from_bytes(raw[:8], "little")].decode()
+
+
+@torch.no_grad()
+def reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, bucket_numel: int = 1 << 24) -> None:
+    """Sum gradients across the group in flat buckets (one collective per bucket).
+
+    The loss is already normalised by the global token count, so a sum (not a
+    mean) gives the exact gradient of the global mean loss.
+    """
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket: List[torch.Tensor] = []
+    size = 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel()
+        if bucket and (g is None or size >= bucket_numel):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0

@@ -1,0 +1,72 @@
+"""Metric tracking from rank 0: a JSONL file always, wandb when configured.
+
+wandb runs offline by default (nothing leaves the machine; `wandb sync` later)
+and never blocks start-up: no login prompt, no network probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, logger_cfg, full_config: Dict[str, Any], enabled: bool):
+        self.enabled = enabled
+        self.wandb_run = None
+        self._jsonl = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if logger_cfg.name == "wandb" and logger_cfg.mode != "disabled":
+            self.wandb_run = _start_wandb(run_dir, logger_cfg, full_config)
+
+    def log(self, metrics: Dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def summary(self, metrics: Dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(metrics)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _start_wandb(run_dir: Path, cfg, full_config: Dict[str, Any]):
+    import wandb
+
+    if cfg.mode == "offline":
+        # Offline must not phone home: no login check, no version check.
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ["WANDB_MODE"] = "offline"
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.run_name,
+        tags=list(cfg.tags),
+        mode=cfg.mode,
+        dir=str(run_dir),
+        config=full_config,
+        settings=wandb.Settings(
+            x_disable_stats=True,  # no system-metrics sampler thread
+            x_disable_meta=True,
+            console="off",
+            init_timeout=60,
+        ),
+    )
+
+
+def open_tracker(run_dir: Optional[Path], logger_cfg, full_config, is_main: bool) -> Tracker:
+    return Tracker(Path(run_dir) if run_dir else Path("."), logger_cfg, full_config, enabled=is_main)

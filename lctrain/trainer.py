@@ -1,0 +1,287 @@
+"""The training loop: data-parallel Llama training on packed long sequences.
+
+Order of set-up (parallelism is applied from outside the single-device model):
+  1. process group and device            (lctrain.distributed)
+  2. config checks that need world size  (lctrain.config.validate)
+  3. model on one device, attention slot filled by build_attention(cfg)
+  4. optimizer / schedule, data loader, tracker
+  5. resume from a checkpoint if asked
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from lctrain.attention import build_attention
+from lctrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.config import validate
+from lctrain.data import ShardedLoader, build_dataset, build_tokenizer, eval_batches
+from lctrain.distributed import DistEnv, all_ranks_flag, broadcast_string, reduce_gradients
+from lctrain.models.llama import Llama, LlamaShape, chunked_cross_entropy
+from lctrain.tracking import Tracker
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Raised on every rank, before the optimizer step, when any rank sees NaN/inf."""
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def build_model(cfg, vocab_size_needed: int) -> Llama:
+    m = cfg.model
+    if m.vocab_size < vocab_size_needed:
+        raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                         f"{vocab_size_needed}; set model.vocab_size={vocab_size_needed} or larger")
+    shape = LlamaShape(vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
+                       num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
+                       norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std)
+    attention = build_attention(strategy=cfg.cp.strategy, kernel=cfg.kernel.name)
+    return Llama(shape, attention, activation_checkpointing=m.activation_checkpointing)
+
+
+class Trainer:
+    def __init__(self, cfg, env: DistEnv, run_dir: Path):
+        self.cfg = cfg
+        self.env = env
+        self.dp_size = validate(cfg, env.world_size)
+        self.dp_rank = env.rank // cfg.cp.size
+        tc = cfg.trainer
+        threads = tc.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
+        torch.set_num_threads(threads)
+        # Every rank must agree on one run directory (Hydra evaluates it per process).
+        self.run_dir = Path(broadcast_string(str(run_dir), env.device))
+        self.ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else self.run_dir / "checkpoints"
+
+        self.param_dtype, self.autocast_dtype = self._dtypes(tc.dtype)
+        tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg, tokenizer.vocab_size).to(self.param_dtype).to(env.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.optim.warmup_steps, tc.steps, cfg.optim.min_lr_ratio))
+        self.dataset = build_dataset(cfg.data.name, seq_len=cfg.data.seq_len, seed=cfg.data.seed,
+                                     tokenizer=tokenizer, **_dataset_kwargs(cfg.data))
+        self.loader = ShardedLoader(self.dataset, tc.micro_batch_size, self.dp_rank, self.dp_size, cfg.data.seed)
+        self.step = 0
+        self.history: List[float] = []
+        self.tracker = Tracker(self.run_dir, cfg.logger,
+                               OmegaConf.to_container(cfg, resolve=True), enabled=env.is_main)
+        self._maybe_resume()
+
+    # ----------------------------------------------------------------- set-up
+    def _dtypes(self, name: str):
+        on_cuda = self.env.device.type == "cuda"
+        if name == "auto":
+            return torch.float32, (torch.bfloat16 if on_cuda else None)
+        if name == "bfloat16":  # fp32 master weights, bf16 compute
+            return torch.float32, torch.bfloat16
+        return _DTYPES[name], None
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "none":
+            return
+        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            self._print(f"trainer.resume=auto: no checkpoint in {self.ckpt_dir}, starting from step 0")
+            return
+        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.env.world_size)
+        self.loader.load_state_dict(meta["data"])
+        self.step = meta["step"]
+        self._print(f"resumed from {path} at step {self.step}")
+
+    def _print(self, msg: str) -> None:
+        if self.env.is_main:
+            tqdm.write(msg)
+
+    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def _autocast(self):
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
+    # ------------------------------------------------------------------- loss
+    def loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of per-token cross-entropies of one micro batch (weighted answers)."""
+        b, s = batch["input_ids"].shape
+        token_pos = torch.arange(s, device=self.env.device).expand(b, s)
+        with self._autocast():
+            hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], token_pos)
+            total = chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
+                                          self.cfg.model.loss_chunk_tokens)
+            extra = self.cfg.data.answer_loss_weight - 1.0
+            if extra and bool(batch["answer_mask"].any()):
+                logits = self.model.logits_at(hidden, batch["answer_mask"])
+                total = total + extra * F.cross_entropy(
+                    logits, batch["labels"][batch["answer_mask"]], reduction="sum")
+        return total
+
+    def _global_token_count(self, batches) -> torch.Tensor:
+        count = sum((bt["labels"] != -100).sum() for bt in batches).to(torch.float64)
+        if self.env.backend is not None:
+            torch.distributed.all_reduce(count)
+        return count.clamp_min(1)
+
+    # ------------------------------------------------------------------- step
+    def train_step(self) -> float:
+        self.model.train()
+        batches = [self._to_device(next(self.loader)) for _ in range(self.cfg.trainer.grad_accum)]
+        # Normalise by the token count of the whole global batch, so the summed
+        # gradients across ranks are exactly those of the global mean loss.
+        denom = self._global_token_count(batches)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for batch in batches:
+            loss = self.loss_sum(batch) / denom.to(torch.float32 if self.param_dtype != torch.float64 else torch.float64)
+            loss.backward()
+            loss_total += loss.detach().to(torch.float64)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.trainer.nan_check:
+            self._check_finite(loss_total, params)
+        reduce_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.env.backend is not None:
+            torch.distributed.all_reduce(loss_total)
+        self._last_grad_norm = float(grad_norm)
+        return float(loss_total)
+
+    def _check_finite(self, loss: torch.Tensor, params) -> None:
+        local = torch.stack([loss.float()] + [p.grad.float().norm() for p in params])
+        bad = all_ranks_flag(not bool(torch.isfinite(local).all()), self.env.device)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {self.step + 1} on rank(s) {bad}; stopped every rank "
+                f"before the optimizer step. Try a lower optim.lr, trainer.dtype=float32, or resume from "
+                f"the last checkpoint in {self.ckpt_dir}")
+
+    # ------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Eval loss and (passkey) teacher-forced answer accuracy over eval samples.
+
+        A sample counts as exactly right when every answer digit is the argmax:
+        that is what greedy decoding would produce for it.
+        """
+        self.model.eval()
+        tc = self.cfg.trainer
+        num = max(1, tc.eval_samples // (self.dp_size * tc.micro_batch_size)) * self.dp_size * tc.micro_batch_size
+        stats = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # loss, tokens, right, digits, exact
+        samples = 0
+        for batch in eval_batches(self.dataset, num, tc.micro_batch_size, self.dp_rank, self.dp_size):
+            batch = self._to_device(batch)
+            b, s = batch["input_ids"].shape
+            token_pos = torch.arange(s, device=self.env.device).expand(b, s)
+            with self._autocast():
+                hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], token_pos)
+                stats[0] += chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
+                                                  self.cfg.model.loss_chunk_tokens).double()
+            stats[1] += (batch["labels"] != -100).sum()
+            mask = batch["answer_mask"]
+            for row in range(b):
+                if not mask[row].any():
+                    continue
+                pred = self.model.logits_at(hidden[row:row + 1], mask[row:row + 1]).argmax(-1)
+                right = pred == batch["labels"][row][mask[row]]
+                stats[2] += right.sum()
+                stats[3] += right.numel()
+                stats[4] += float(bool(right.all()))
+                samples += 1
+        if self.env.backend is not None:
+            torch.distributed.all_reduce(stats)
+        out = {"eval/loss": float(stats[0] / stats[1].clamp_min(1))}
+        if stats[3] > 0:
+            out["eval/answer_digit_acc"] = float(stats[2] / stats[3])
+            out["eval/answer_exact"] = float(stats[4] / num)
+        return out
+
+    # ------------------------------------------------------------------- loop
+    def fit(self) -> Dict[str, Any]:
+        tc = self.cfg.trainer
+        tokens_per_step = self.dp_size * tc.micro_batch_size * tc.grad_accum * self.cfg.data.seq_len
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.env.is_main and tc.progress),
+                   desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        start = time.perf_counter()
+        start_step = self.step
+        metrics: Dict[str, Any] = {}
+        try:
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                dt = time.perf_counter() - t0
+                self.history.append(loss)
+                metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                           "train/grad_norm": self._last_grad_norm, "train/tokens_per_s": tokens_per_step / dt,
+                           "train/step_time_s": dt}
+                if self.step % self.cfg.logger.log_every == 0 or self.step == tc.steps:
+                    self.tracker.log(metrics, self.step)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+                bar.update(1)
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                    ev = self.evaluate()
+                    self.tracker.log(ev, self.step)
+                    self._print(f"step {self.step}: " + _fmt(ev))
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+        if tc.save_final and (not tc.checkpoint_every or self.step % tc.checkpoint_every):
+            self.save()
+        final = self.evaluate()
+        wall = time.perf_counter() - start
+        summary = {"final/train_loss": metrics.get("train/loss", float("nan")), **final,
+                   "final/wall_s": wall, "final/steps_run": self.step - start_step}
+        self.tracker.log(final, self.step)
+        self.tracker.summary(summary)
+        self._print(_final_line(summary))
+        return summary
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+                               self.loader.state_dict(), self.env.world_size, self.cfg.trainer.keep_checkpoints)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+def _dataset_kwargs(data) -> Dict[str, Any]:
+    if data.name == "passkey":
+        return {"docs_per_seq": data.docs_per_seq, "num_needles": data.num_needles, "key_digits": data.key_digits}
+    return {"path": data.path, "text_key": data.jsonl_key}
+
+
+def _fmt(metrics: Dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def _final_line(s: Dict[str, Any]) -> str:
+    line = f"final train loss {s['final/train_loss']:.4f} | eval loss {s['eval/loss']:.4f}"
+    if "eval/answer_digit_acc" in s:
+        line += (f" | passkey digit accuracy {100 * s['eval/answer_digit_acc']:.1f}% (chance 10.0%)"
+                 f" | exact keys {100 * s['eval/answer_exact']:.1f}%")
+    return line + f" | {s['final/steps_run']} steps in {s['final/wall_s']:.0f}s"
