@@ -196,3 +196,13 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver(
             "lctrain_hydra_subdir", lambda: ".hydra" if os.environ.get("RANK", "0") == "0" else None
         )
+
+
+def compose_config(overrides=()):
+    """The composed, typed training config for `overrides`, as the CLI would build it
+    (for notebooks and tests; the CLI itself goes through hydra.main)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module="lctrain.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))

@@ -44,8 +44,7 @@ FILLERS = ("sentences", "words")
 # completed by copying its earlier one, so every document teaches the copy
 # ("induction") circuit that retrieval needs thousands of times, instead of the
 # handful of times its keys do.
-WORDS_PER_DOC = 64
-WORD_LETTERS = (3, 6)  # min, max letters per word
+WORD_LETTERS = 4
 
 
 def _texts(number: int | None) -> dict[str, str]:
@@ -104,6 +103,7 @@ class PasskeyDataset:
         # filler stretch can look like (part of) a question.
         used = {c for t in texts for v in t.values() for c in v.lower()}
         letters = sorted(set("abcdefghijklmnopqrstuvwxyz") - used)
+        letters += [c.upper() for c in letters]
         self._letter_ids = self._encode("".join(letters))
         self._space_id = self._encode(" ")[0]
         # BOS + EOS + every fixed part + each key three times (twice in its needle, once answered).
@@ -155,13 +155,23 @@ class PasskeyDataset:
         return np.tile(self._filler, num_repeats)[phase : phase + length]
 
     def _words(self, rng: np.random.Generator, length: int) -> np.ndarray:
-        """Random words from a vocabulary of WORDS_PER_DOC drawn for this document."""
-        low, high = WORD_LETTERS
-        word_lens = rng.integers(low, high + 1, size=WORDS_PER_DOC)
-        table = self._letter_ids[rng.integers(len(self._letter_ids), size=(WORDS_PER_DOC, high + 1))]
-        table[np.arange(WORDS_PER_DOC), word_lens] = self._space_id
-        in_word = np.arange(high + 1) <= word_lens[:, None]  # letters + trailing space
-        words = rng.integers(WORDS_PER_DOC, size=length // (low + 1) + 1)
+        """Random words of this document's own vocabulary, space separated.
+
+        The vocabulary splits a random permutation of the filler letters into
+        words, so each letter occurs in exactly one word at one place: after a
+        word's first letter, the rest is a one-token copy of an earlier
+        occurrence (the simplest induction pattern, which tiny models pick up
+        fast); the next word is a fresh random choice.
+        """
+        letters = rng.permutation(self._letter_ids)
+        cuts = np.arange(WORD_LETTERS, len(letters) - WORD_LETTERS + 1, WORD_LETTERS)
+        vocab = [np.append(w, self._space_id) for w in np.split(letters, cuts)]
+        word_lens = np.array([len(w) for w in vocab])
+        table = np.zeros((len(vocab), word_lens.max()), dtype=np.int64)
+        for i, w in enumerate(vocab):
+            table[i, : len(w)] = w
+        in_word = np.arange(table.shape[1]) < word_lens[:, None]
+        words = rng.integers(len(vocab), size=length // word_lens.min() + 1)
         return table[words][in_word[words]][:length]
 
     def _document(self, rng: np.random.Generator, doc_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,74 @@
+"""The `lctrain-train` command end to end: torchrun, plain python, wandb modes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SMALL = ["data.seq_len=512", "trainer.steps=3", "trainer.eval_samples=2", "trainer.num_threads=1",
+         "model.num_layers=2"]
+
+
+def _run(args, cwd, run_id, torchrun_ranks=0, timeout=300):
+    env = {**os.environ, "LCTRAIN_RUN_ID": run_id, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    if torchrun_ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={torchrun_ranks}", "-m", "lctrain.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "lctrain.train", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+def test_torchrun_two_ranks_trains_evaluates_and_checkpoints(tmp_path):
+    proc, _ = _run(["experiment=cpu_demo", *SMALL, "trainer.checkpoint_every=2"], tmp_path, "cli2",
+                   torchrun_ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final train loss" in proc.stdout and "passkey digit accuracy" in proc.stdout
+    run_dir = tmp_path / "outputs" / "cli2"
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3]
+    assert any("eval/answer_digit_acc" in x for x in lines)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "step_00000002" / "meta.json").is_file()
+    assert {p.name for p in run_dir.glob("train_rank*.log")} == {"train_rank0.log", "train_rank1.log"}
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_wandb_modes_complete_without_network_or_delay(tmp_path, mode):
+    baseline, t_none = _run([*SMALL, "logger=none"], tmp_path, "none")
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    proc, t_wandb = _run([*SMALL, "logger=wandb", f"logger.mode={mode}"], tmp_path, mode)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline_runs = list((tmp_path / "outputs" / mode / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == (1 if mode == "offline" else 0)
+    # A blocked network call would cost wandb's timeouts (tens of seconds).
+    assert t_wandb - t_none < 20, f"wandb {mode} added {t_wandb - t_none:.1f}s"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("trainer.stepz=3", "stepz"),
+    ("trainer.steps=abc", "steps"),
+    ("model=nope", "nope"),
+    ("kernel.name=fast", "kernel.name='fast' is not valid"),
+])
+def test_bad_overrides_fail_with_a_clear_message(tmp_path, override, needle):
+    proc, _ = _run([override], tmp_path, "bad")
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+
+
+def test_world_size_not_dp_times_cp_fails_before_any_collective(tmp_path):
+    proc, elapsed = _run(["trainer.dp=3"], tmp_path, "badworld", torchrun_ranks=2)
+    assert proc.returncode != 0
+    assert "world size 2 != dp (3) x cp (1)" in proc.stderr
+    assert elapsed < 120

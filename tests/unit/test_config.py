@@ -1,0 +1,206 @@
+"""Hydra configs: every group option composes onto the typed schema, bad overrides fail, validate, run ids."""
+
+import importlib.resources
+import re
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from lctrain.config import TrainConfig, register_configs, run_id, validate
+
+GROUPS = ("model", "data", "cp", "kernel", "optim", "logger", "experiment")
+RUN_ENV = ("LCTRAIN_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+# Options a plain `group=option` cannot satisfy alone, and the override that completes them.
+NEEDS = {("data", "text"): ["data.path=/tmp/corpus.txt"]}
+
+
+def conf_root():
+    return importlib.resources.files("lctrain.conf")
+
+
+def options(group):
+    return sorted(p.name[: -len(".yaml")] for p in (conf_root() / group).iterdir() if p.name.endswith(".yaml"))
+
+
+def load_yaml(group, option):
+    raw = OmegaConf.create((conf_root() / group / f"{option}.yaml").read_text())
+    raw.pop("defaults", None)
+    return raw
+
+
+def compose_train(overrides=(), return_hydra_config=False):
+    register_configs()
+    with initialize_config_module(config_module="lctrain.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def assert_subset(expected, actual, where):
+    """Every key of the YAML `expected` has the same value in the composed `actual`."""
+    for key, value in expected.items():
+        assert key in actual, f"{where}.{key} missing from composed config"
+        if OmegaConf.is_dict(value):
+            assert_subset(value, actual[key], f"{where}.{key}")
+        else:
+            got = actual[key]
+            got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+            want = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            assert got == want, f"{where}.{key}: yaml says {want!r}, composed {got!r}"
+
+
+@pytest.fixture(autouse=True)
+def _clean_run_env(monkeypatch):
+    for name in RUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), f"conf/{group}/ has no yaml options"
+    assert set(options("model")) >= {"tiny", "llama_150m", "llama_1b", "llama3_8b"}
+    assert "cpu_demo" in options("experiment")
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS for o in options(g)], ids=lambda x: str(x)
+)
+def test_every_option_composes_and_validates(group, option):
+    extra = NEEDS.get((group, option), [])
+    cfg = compose_train([f"{group}={option}", *extra])
+    assert OmegaConf.get_type(cfg) is TrainConfig  # merged onto the typed schema
+    values = load_yaml(group, option)
+    for override in extra:  # keys set on the command line are not the yaml's to check
+        key = override.split("=")[0]
+        assert key.startswith(f"{group}.")
+        values.pop(key[len(group) + 1:])
+    if group == "experiment":  # @package _global_
+        assert_subset(values, cfg, "")
+    else:
+        assert_subset(values, cfg[group], group)
+    assert validate(cfg, 1) == 1
+    assert validate(cfg, 2) == 2
+
+
+def test_defaults_are_tiny_passkey_none_torch():
+    cfg = compose_train()
+    assert (cfg.model.name, cfg.data.name, cfg.cp.strategy, cfg.kernel.name, cfg.logger.name) == (
+        "tiny", "passkey", "none", "torch", "none",
+    )
+    assert validate(cfg, 1) == 1
+
+
+def test_llama3_8b_values_come_from_yaml():
+    cfg = compose_train(["model=llama3_8b"])
+    m = cfg.model
+    assert (m.dim, m.num_layers, m.num_heads, m.num_kv_heads) == (4096, 32, 32, 8)
+    assert (m.vocab_size, m.ffn_dim, m.rope_theta) == (128256, 14336, 500000.0)
+    assert m.tie_embeddings is False and m.activation_checkpointing is True
+    # Keys the yaml leaves out keep the schema defaults.
+    assert m.norm_eps == 1e-5 and m.loss_chunk_tokens == 4096
+
+
+def test_cpu_demo_experiment():
+    cfg = compose_train(["experiment=cpu_demo"])
+    assert cfg.model.name == "tiny" and cfg.model.dim == 128
+    assert cfg.data.name == "passkey" and cfg.data.seq_len >= 4096
+    assert cfg.trainer.steps == 300 and cfg.cp.strategy == "none"
+    assert validate(cfg, 2) == 2
+    # Command-line overrides still win over the experiment.
+    cfg = compose_train(["experiment=cpu_demo", "trainer.steps=5", "data.seq_len=512"])
+    assert cfg.trainer.steps == 5 and cfg.data.seq_len == 512
+
+
+def test_override_values_are_typed():
+    cfg = compose_train(["trainer.steps=7", "optim.lr=1e-4", "model.tie_embeddings=false"])
+    assert cfg.trainer.steps == 7 and isinstance(cfg.trainer.steps, int)
+    assert cfg.optim.lr == pytest.approx(1e-4) and cfg.model.tie_embeddings is False
+
+
+def _chain(err):
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("trainer.stepz=3", "trainer.stepz"),
+    ("model.dimm=8", "model.dimm"),
+])
+def test_unknown_key_fails(override, needle):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train([override])
+    assert needle in _chain(info.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("trainer.steps=abc", "trainer.steps"),
+    ("model.dim=1.5", "model.dim"),
+    ("model.tie_embeddings=maybe", "model.tie_embeddings"),
+])
+def test_wrong_type_fails(override, needle):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train([override])
+    assert needle in _chain(info.value)
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(MissingConfigException) as info:
+        compose_train(["model=nope"])
+    message = str(info.value)
+    assert "model/nope" in message and "llama3_8b" in message  # lists the valid options
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["trainer.dp=3"], 2, "trainer.dp=-1"),
+    (["trainer.dp=1"], 2, re.escape("world size 2 != dp (1) x cp (1)")),
+    (["cp.size=2"], 2, "cp.size=1"),
+    (["kernel.name=foo"], 1, "kernel.name='foo'"),
+    (["cp.strategy=ringg"], 1, "cp.strategy"),
+    (["trainer.dtype=fp8"], 1, "trainer.dtype"),
+    (["data=text"], 1, "data.path="),
+    (["model.num_kv_heads=3"], 1, "num_kv_heads"),
+    (["model.dim=130"], 1, "model.dim"),
+    (["model.dim=12", "model.num_heads=4", "model.num_kv_heads=2"], 1, "even head_dim"),
+    (["trainer.steps=0"], 1, "trainer.steps"),
+    (["data.seq_len=1"], 1, "data.seq_len"),
+    (["data.tokenizer=hf"], 1, "data.tokenizer_path="),
+    (["optim.betas=[0.9]"], 1, "optim.betas"),
+])
+def test_validate_names_the_fix(overrides, world, needle):
+    cfg = compose_train(overrides)
+    with pytest.raises(ValueError, match=needle):
+        validate(cfg, world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+def test_validate_data_parallel_degree(world):
+    assert validate(compose_train(["trainer.dp=-1"]), world) == world  # world // cp.size
+    assert validate(compose_train([f"trainer.dp={world}"]), world) == world
+
+
+def test_run_id_sources(monkeypatch):
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", run_id())
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert run_id() == "slurm-4242"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default when no --rdzv-id
+    assert run_id() == "slurm-4242"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "rdzv7")
+    assert run_id() == "torchrun-rdzv7"
+    monkeypatch.setenv("LCTRAIN_RUN_ID", "mine")
+    assert run_id() == "mine"
+    monkeypatch.setenv("LCTRAIN_RUN_ID", "")  # empty means unset
+    assert run_id() == "torchrun-rdzv7"
+
+
+def test_run_dir_and_output_subdir_resolvers(monkeypatch):
+    monkeypatch.setenv("LCTRAIN_RUN_ID", "unit-run")
+    monkeypatch.setenv("RANK", "0")
+    cfg = compose_train(return_hydra_config=True)
+    assert cfg.hydra.run.dir == "outputs/unit-run"
+    assert cfg.hydra.sweep.dir == "multirun/unit-run"
+    assert cfg.hydra.output_subdir == ".hydra"
+    monkeypatch.setenv("RANK", "3")
+    assert compose_train(return_hydra_config=True).hydra.output_subdir is None
