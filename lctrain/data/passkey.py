@@ -163,16 +163,13 @@ class PasskeyDataset:
         occurrence (the simplest induction pattern, which tiny models pick up
         fast); the next word is a fresh random choice.
         """
-        letters = rng.permutation(self._letter_ids)
-        cuts = np.arange(WORD_LETTERS, len(letters) - WORD_LETTERS + 1, WORD_LETTERS)
-        vocab = [np.append(w, self._space_id) for w in np.split(letters, cuts)]
-        word_lens = np.array([len(w) for w in vocab])
-        table = np.zeros((len(vocab), word_lens.max()), dtype=np.int64)
-        for i, w in enumerate(vocab):
-            table[i, : len(w)] = w
-        in_word = np.arange(table.shape[1]) < word_lens[:, None]
-        words = rng.integers(len(vocab), size=length // word_lens.min() + 1)
-        return table[words][in_word[words]][:length]
+        num_words = len(self._letter_ids) // WORD_LETTERS
+        letters = rng.permutation(self._letter_ids)[: num_words * WORD_LETTERS]
+        vocab = np.concatenate(
+            [letters.reshape(num_words, WORD_LETTERS), np.full((num_words, 1), self._space_id)], axis=1
+        )
+        words = rng.integers(num_words, size=-(-length // (WORD_LETTERS + 1)))
+        return vocab[words].reshape(-1)[:length]
 
     def _document(self, rng: np.random.Generator, doc_len: int) -> tuple[np.ndarray, np.ndarray]:
         """One document of exactly doc_len tokens and the mask of its answer digits."""

@@ -47,9 +47,6 @@ def inputs(batch, seq, vocab=37, seed=1):
     return ids, pos, docs
 
 
-# ----------------------------------------------------------------- shapes / construction
-
-
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1)])
 def test_forward_shapes_mha_gqa(num_heads, num_kv_heads):
     model = make_model(num_heads=num_heads, num_kv_heads=num_kv_heads)
@@ -129,9 +126,6 @@ def test_logits_at_matches_full_logits():
     assert model32.logits_at(h32, mask).dtype == torch.float32
 
 
-# ----------------------------------------------------------------- chunked cross-entropy
-
-
 @pytest.mark.parametrize("chunk", [1, 5, 8, 19, 38, 1000])  # 38 tokens: 5, 8 leave a partial chunk
 def test_chunked_cross_entropy_matches_full(chunk):
     g = torch.Generator().manual_seed(7)
@@ -167,9 +161,6 @@ def test_chunked_cross_entropy_low_precision_sums_in_fp32():
     assert loss.dtype == torch.float32
     ref = F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum")
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
-
-
-# ----------------------------------------------------------------- packing
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
@@ -226,19 +217,6 @@ def test_rope_uses_position_ids_and_core_gets_token_pos():
     torch.testing.assert_close(k, k_ref, atol=1e-12, rtol=1e-12)
 
 
-# ----------------------------------------------------------------- RoPE / RMSNorm
-
-
-def test_rope_cos_sin_shape_and_identity_at_zero():
-    pos = torch.tensor([[0, 3, 5], [1, 0, 2]])
-    cos, sin = rope_cos_sin(pos, 8, 10000.0, F64)
-    assert cos.shape == sin.shape == (2, 3, 1, 8) and cos.dtype == F64
-    x = torch.randn(2, 3, 2, 8, dtype=F64)
-    rotated = apply_rope(x, cos, sin)
-    torch.testing.assert_close(rotated[0, 0], x[0, 0], atol=0, rtol=0)
-    torch.testing.assert_close(rotated[1, 1], x[1, 1], atol=0, rtol=0)
-
-
 def test_rope_matches_explicit_pair_rotation():
     head_dim, theta = 8, 500.0
     pos = torch.tensor([[0, 1, 7, 100]])
@@ -254,12 +232,15 @@ def test_rope_matches_explicit_pair_rotation():
             torch.testing.assert_close(got[0, t, :, i + half], b * math.cos(angle) + a * math.sin(angle))
 
 
-def test_rope_preserves_norms():
-    pos = torch.randint(0, 100_000, (2, 16))
+def test_rope_preserves_norms_and_position_zero():
+    pos = torch.randint(1, 100_000, (2, 16))
+    pos[1, 3] = 0
     cos, sin = rope_cos_sin(pos, 32, 10000.0, F64)
+    assert cos.shape == sin.shape == (2, 16, 1, 32) and cos.dtype == F64
     x = torch.randn(2, 16, 3, 32, dtype=F64)
     y = apply_rope(x, cos, sin)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y[1, 3], x[1, 3], atol=0, rtol=0)  # position 0: identity
     assert (y - x).abs().max() > 1e-3
 
 
@@ -290,9 +271,6 @@ def test_rmsnorm_normalises_and_scales():
     xb = x.to(torch.bfloat16)
     yb = RMSNorm(12, eps=1e-5)(xb)
     torch.testing.assert_close(yb.float(), (expected / norm.weight).float(), atol=3e-2, rtol=3e-2)
-
-
-# ----------------------------------------------------------------- activation checkpointing
 
 
 def test_activation_checkpointing_same_loss_and_grads():

@@ -1,0 +1,5 @@
+"""Model definitions, written for one device (parallelism is applied from outside)."""
+
+from lctrain.models.llama import Llama, LlamaShape, chunked_cross_entropy
+
+__all__ = ["Llama", "LlamaShape", "chunked_cross_entropy"]
