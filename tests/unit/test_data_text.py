@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from lctrain.data import SAMPLE_KEYS, ByteTokenizer, HFTokenizer, TextDataset, build_dataset, build_tokenizer
 
-from test_data import assert_sample_invariants  # tests/unit is on sys.path (rootdir import mode)
+from tests.unit.test_data import assert_sample_invariants
 
 TOKENIZER = ByteTokenizer()
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
