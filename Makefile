@@ -9,7 +9,7 @@ NPROC ?= 2
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test clean
 
 setup: $(STAMP)
 
