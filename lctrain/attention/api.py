@@ -1,7 +1,8 @@
 """build_attention: the one entry point the model's attention slot calls.
 
-Strategies (ring, ulysses, ...) arrive in later issues; this version provides
-``strategy="none"``, plain single-device attention through a local kernel.
+``strategy="none"`` is single-device attention through a local kernel; the
+context-parallel strategies take this rank's shard of the sequence (as the
+layout deals it) plus the global coordinates of its tokens.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import torch
 
 from lctrain_kernels.torch_blockwise import blockwise_attention
 
-STRATEGIES = ("none",)
+from .counters import AttentionCounters
+
+STRATEGIES = ("none", "ring", "allgather")
 KERNELS = ("auto", "torch", "triton")
 
 
@@ -89,14 +92,82 @@ class LocalAttention:
         return (out, lse) if return_lse else out
 
 
+def _strategy_fn(strategy: str):
+    # Imported here so each strategy module stays independent of the others.
+    if strategy == "ring":
+        from .ring import ring_attention
+
+        return ring_attention
+    from .allgather import allgather_attention
+
+    return allgather_attention
+
+
+class ContextParallelAttention:
+    """A context-parallel strategy over ``group``; inputs are this rank's shard.
+
+    ``counters`` accumulates the unmasked pairs computed and bytes/messages sent
+    by this rank over calls (``counters.reset()`` to start afresh).
+    """
+
+    def __init__(self, strategy: str, layout, group, kernel_name: str):
+        import torch.distributed as dist
+
+        self.strategy, self.layout, self.group, self.kernel_name = strategy, layout, group, kernel_name
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        size = dist.get_world_size(group) if dist.is_initialized() else 1
+        if layout.cp_size != size:
+            raise ValueError(
+                f"layout {layout.name!r} was built for cp_size={layout.cp_size} but the group has "
+                f"{size} ranks; build it with get_layout({layout.name!r}, cp_size={size})"
+            )
+        self.counters = AttentionCounters()
+        self._fn = _strategy_fn(strategy)
+
+    def __repr__(self) -> str:
+        return f"ContextParallelAttention({self.strategy!r}, layout={self.layout.name!r}, kernel={self.kernel_name!r})"
+
+    def __call__(
+        self, q, k, v, causal=True, doc_ids=None, window=None, positions=None, scale=None,
+        return_lse=False,
+    ):
+        """Local shards q (b, s_local, h, d), k/v (b, s_local, h_kv, d) -> local out [, lse].
+
+        ``positions``: global positions of the local tokens, default
+        ``layout.positions(s_local * cp_size, rank)``; ``doc_ids``: their
+        documents, default one document.
+        """
+        check_attention_inputs(q, k, v, {"positions": positions, "doc_ids": doc_ids}, window)
+        if positions is None:
+            seq_len = q.shape[1] * self.layout.cp_size
+            positions = self.layout.positions(seq_len, self.rank)
+        positions = positions.to(q.device)
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(positions)
+        doc_ids = doc_ids.to(q.device)
+        out, lse = self._fn(q, k, v, positions, doc_ids, self.group, causal=causal, window=window,
+                            scale=scale, counters=self.counters)
+        return (out, lse) if return_lse else out
+
+
 def build_attention(strategy: str = "none", layout=None, group=None, kernel: str = "auto"):
-    """The attention callable for ``strategy`` over ``layout`` / ``group`` with ``kernel``."""
+    """The attention callable for ``strategy`` over ``layout`` / ``group`` with ``kernel``.
+
+    strategy "none": single-device (layout and group must be None). "ring" and
+    "allgather": context parallel over ``group`` (None = the default group) with
+    the sequence dealt by ``layout`` (``get_layout(name, cp_size)``).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(
             f"unknown attention strategy {strategy!r}; available in this version: {', '.join(STRATEGIES)}"
         )
-    if layout is not None or group is not None:
-        raise ValueError(
-            "strategy 'none' is single-device attention: pass layout=None and group=None"
-        )
-    return LocalAttention(_resolve_kernel(kernel))
+    kernel_name = _resolve_kernel(kernel)
+    if strategy == "none":
+        if layout is not None or group is not None:
+            raise ValueError(
+                "strategy 'none' is single-device attention: pass layout=None and group=None"
+            )
+        return LocalAttention(kernel_name)
+    if layout is None:
+        raise ValueError(f"strategy {strategy!r} needs layout=get_layout(name, cp_size)")
+    return ContextParallelAttention(strategy, layout, group, kernel_name)

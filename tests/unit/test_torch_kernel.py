@@ -213,7 +213,8 @@ def test_build_attention_positions_are_global():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(strategy="ring"), "available in this version: none"),
+    (dict(strategy="tree"), "available in this version: none, ring, allgather"),
+    (dict(strategy="ring"), "needs layout=get_layout"),
     (dict(kernel="cuda"), "auto, torch, triton"),
     (dict(kernel="triton"), "kernel='torch' or 'auto'"),
     (dict(layout=object()), "layout=None"),
