@@ -56,8 +56,9 @@ class DataConfig:
 
 @dataclass
 class CPConfig:
-    strategy: str = "none"
-    size: int = 1
+    strategy: str = "none"  # none | ring | allgather
+    size: int = 1  # ranks sharing one sequence; world = dp x cp
+    layout: str = "contiguous"  # contiguous | zigzag | striped: which tokens each cp rank holds
 
 
 @dataclass
@@ -120,7 +121,8 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-CP_STRATEGIES = ("none",)
+CP_STRATEGIES = ("none", "ring", "allgather")
+LAYOUTS = ("contiguous", "zigzag", "striped")
 KERNELS = ("torch", "auto", "triton")
 DTYPES = ("auto", "float32", "float64", "bfloat16")
 
@@ -133,6 +135,7 @@ def _one_of(value, allowed, key):
 def validate(cfg: TrainConfig, world_size: int) -> int:
     """Cross-field checks; returns the data-parallel degree."""
     _one_of(cfg.cp.strategy, CP_STRATEGIES, "cp.strategy")
+    _one_of(cfg.cp.layout, LAYOUTS, "cp.layout")
     _one_of(cfg.kernel.name, KERNELS, "kernel.name")
     _one_of(cfg.trainer.dtype, DTYPES, "trainer.dtype")
     _one_of(cfg.trainer.device, ("auto", "cpu", "cuda"), "trainer.device")
@@ -143,6 +146,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ValueError(f"cp.size must be >= 1, got {cfg.cp.size}")
     if cfg.cp.strategy == "none" and cfg.cp.size != 1:
         raise ValueError(f"cp=none needs cp.size=1 (got {cfg.cp.size}); pick a cp strategy or set cp.size=1")
+    if cfg.cp.strategy != "none" and cfg.cp.size < 2:
+        raise ValueError(f"cp.strategy={cfg.cp.strategy} needs cp.size >= 2 (one rank is cp=none)")
     dp = cfg.trainer.dp if cfg.trainer.dp > 0 else world_size // cfg.cp.size
     if dp * cfg.cp.size != world_size:
         raise ValueError(

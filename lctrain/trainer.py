@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from lctrain.attention import build_attention
+from lctrain.attention import build_attention, get_layout
 from lctrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lctrain.config import validate
 from lctrain.data import ShardedLoader, build_dataset, build_tokenizer, eval_batches
 from lctrain.distributed import DistEnv, all_ranks_flag, broadcast_string, reduce_gradients
+from lctrain.distributed.groups import build_parallel_groups
 from lctrain.models.llama import Llama, LlamaShape, chunked_cross_entropy
 from lctrain.tracking import Tracker
 
@@ -45,7 +46,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return fn
 
 
-def build_model(cfg, vocab_size_needed: int) -> Llama:
+def build_model(cfg, vocab_size_needed: int, layout=None, cp_group=None) -> Llama:
     m = cfg.model
     if m.vocab_size < vocab_size_needed:
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
@@ -53,7 +54,7 @@ def build_model(cfg, vocab_size_needed: int) -> Llama:
     shape = LlamaShape(vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
                        num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
                        norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std)
-    attention = build_attention(strategy=cfg.cp.strategy, kernel=cfg.kernel.name)
+    attention = build_attention(strategy=cfg.cp.strategy, layout=layout, group=cp_group, kernel=cfg.kernel.name)
     return Llama(shape, attention, activation_checkpointing=m.activation_checkpointing)
 
 
@@ -62,7 +63,10 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.dp_size = validate(cfg, env.world_size)
-        self.dp_rank = env.rank // cfg.cp.size
+        self.groups = build_parallel_groups(env.rank, env.world_size, self.dp_size, cfg.cp.size)
+        self.dp_rank = self.groups.dp_rank
+        # Ranks of one cp group share each sequence; the layout deals its tokens.
+        self.layout = get_layout(cfg.cp.layout, cfg.cp.size) if cfg.cp.strategy != "none" else None
         tc = cfg.trainer
         threads = tc.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
         torch.set_num_threads(threads)
@@ -73,7 +77,9 @@ class Trainer:
         self.param_dtype, self.autocast_dtype = self._dtypes(tc.dtype)
         tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg, tokenizer.vocab_size).to(self.param_dtype).to(env.device)
+        self.pad_id = tokenizer.pad_id
+        self.model = build_model(cfg, tokenizer.vocab_size, self.layout, self.groups.cp_group)
+        self.model = self.model.to(self.param_dtype).to(env.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
@@ -116,6 +122,13 @@ class Trainer:
             tqdm.write(msg)
 
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Add global token positions, and with cp keep only this rank's shard."""
+        b, s = batch["input_ids"].shape
+        batch = {**batch, "token_pos": torch.arange(s).expand(b, s)}
+        if self.layout is not None:
+            batch = {k: self.layout.shard(_pad_to(v, self.layout.multiple, k, self.pad_id),
+                                          self.groups.cp_rank, dim=1)
+                     for k, v in batch.items()}
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
 
     def _autocast(self):
@@ -125,10 +138,8 @@ class Trainer:
     # ------------------------------------------------------------------- loss
     def loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of per-token cross-entropies of one micro batch (weighted answers)."""
-        b, s = batch["input_ids"].shape
-        token_pos = torch.arange(s, device=self.env.device).expand(b, s)
         with self._autocast():
-            hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], token_pos)
+            hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["token_pos"])
             total = chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
                                           self.cfg.model.loss_chunk_tokens)
             extra = self.cfg.data.answer_loss_weight - 1.0
@@ -192,26 +203,30 @@ class Trainer:
         tc = self.cfg.trainer
         num = max(1, tc.eval_samples // (self.dp_size * tc.micro_batch_size)) * self.dp_size * tc.micro_batch_size
         stats = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # loss, tokens, right, digits, exact
-        samples = 0
         for batch in eval_batches(self.dataset, num, tc.micro_batch_size, self.dp_rank, self.dp_size):
             batch = self._to_device(batch)
-            b, s = batch["input_ids"].shape
-            token_pos = torch.arange(s, device=self.env.device).expand(b, s)
+            b = batch["input_ids"].shape[0]
             with self._autocast():
-                hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], token_pos)
+                hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
+                                    batch["token_pos"])
                 stats[0] += chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
                                                   self.cfg.model.loss_chunk_tokens).double()
             stats[1] += (batch["labels"] != -100).sum()
             mask = batch["answer_mask"]
+            # Per sample: answer digits and right ones; summed over the cp group,
+            # since a sample's digits may sit on several ranks.
+            per_row = torch.zeros(b, 2, dtype=torch.float64, device=self.env.device)
             for row in range(b):
-                if not mask[row].any():
-                    continue
-                pred = self.model.logits_at(hidden[row:row + 1], mask[row:row + 1]).argmax(-1)
-                right = pred == batch["labels"][row][mask[row]]
-                stats[2] += right.sum()
-                stats[3] += right.numel()
-                stats[4] += float(bool(right.all()))
-                samples += 1
+                if mask[row].any():
+                    pred = self.model.logits_at(hidden[row:row + 1], mask[row:row + 1]).argmax(-1)
+                    per_row[row, 0] = mask[row].sum()
+                    per_row[row, 1] = (pred == batch["labels"][row][mask[row]]).sum()
+            if self.groups.cp_group is not None:
+                torch.distributed.all_reduce(per_row, group=self.groups.cp_group)
+            has_answer = per_row[:, 0] > 0
+            stats[3] += per_row[:, 0].sum() / self.groups.cp_size
+            stats[2] += per_row[:, 1].sum() / self.groups.cp_size
+            stats[4] += (has_answer & (per_row[:, 0] == per_row[:, 1])).sum().double() / self.groups.cp_size
         if self.env.backend is not None:
             torch.distributed.all_reduce(stats)
         out = {"eval/loss": float(stats[0] / stats[1].clamp_min(1))}
@@ -267,6 +282,22 @@ class Trainer:
 
     def close(self) -> None:
         self.tracker.close()
+
+
+_PAD_VALUES = {"labels": -100, "doc_ids": -1, "position_ids": 0, "answer_mask": False}
+
+
+def _pad_to(x: torch.Tensor, multiple: int, key: str, pad_id: int) -> torch.Tensor:
+    """Pad (b, s) to a multiple of the layout's: padding is its own masked
+    document (doc -1), excluded from the loss, with positions continuing."""
+    extra = -x.shape[1] % multiple
+    if not extra:
+        return x
+    if key == "token_pos":
+        tail = torch.arange(x.shape[1], x.shape[1] + extra).expand(x.shape[0], extra)
+    else:
+        tail = torch.full((x.shape[0], extra), _PAD_VALUES.get(key, pad_id), dtype=x.dtype)
+    return torch.cat([x, tail], dim=1)
 
 
 def _dataset_kwargs(data) -> Dict[str, Any]:

@@ -78,8 +78,9 @@ def test_every_option_composes_and_validates(group, option):
         assert_subset(values, cfg, "")
     else:
         assert_subset(values, cfg[group], group)
-    assert validate(cfg, 1) == 1
-    assert validate(cfg, 2) == 2
+    cp = cfg.cp.size  # a world of cp ranks is one dp replica, twice that is two
+    assert validate(cfg, cp) == 1
+    assert validate(cfg, 2 * cp) == 2
 
 
 def test_defaults_are_tiny_passkey_none_torch():
