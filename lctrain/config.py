@@ -59,6 +59,7 @@ class CPConfig:
     strategy: str = "none"  # none | ring | allgather
     size: int = 1  # ranks sharing one sequence; world = dp x cp
     layout: str = "contiguous"  # contiguous | zigzag | striped: which tokens each cp rank holds
+    check_shapes: bool = True  # one small all-gather per call: mismatched shards fail, never hang
 
 
 @dataclass

@@ -54,7 +54,8 @@ def build_model(cfg, vocab_size_needed: int, layout=None, cp_group=None) -> Llam
     shape = LlamaShape(vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
                        num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
                        norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std)
-    attention = build_attention(strategy=cfg.cp.strategy, layout=layout, group=cp_group, kernel=cfg.kernel.name)
+    attention = build_attention(strategy=cfg.cp.strategy, layout=layout, group=cp_group, kernel=cfg.kernel.name,
+                                check_shapes=cfg.cp.check_shapes)
     return Llama(shape, attention, activation_checkpointing=m.activation_checkpointing)
 
 

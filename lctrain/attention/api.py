@@ -8,6 +8,7 @@ layout deals it) plus the global coordinates of its tokens.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from lctrain_kernels.torch_blockwise import blockwise_attention
 
@@ -110,10 +111,9 @@ class ContextParallelAttention:
     by this rank over calls (``counters.reset()`` to start afresh).
     """
 
-    def __init__(self, strategy: str, layout, group, kernel_name: str):
-        import torch.distributed as dist
-
+    def __init__(self, strategy: str, layout, group, kernel_name: str, check_shapes: bool = True):
         self.strategy, self.layout, self.group, self.kernel_name = strategy, layout, group, kernel_name
+        self.check_shapes = check_shapes
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         size = dist.get_world_size(group) if dist.is_initialized() else 1
         if layout.cp_size != size:
@@ -145,12 +145,36 @@ class ContextParallelAttention:
         if doc_ids is None:
             doc_ids = torch.zeros_like(positions)
         doc_ids = doc_ids.to(q.device)
+        if self.check_shapes:
+            check_same_shapes_across_ranks(self.group, q, k, v, positions, doc_ids)
         out, lse = self._fn(q, k, v, positions, doc_ids, self.group, causal=causal, window=window,
                             scale=scale, counters=self.counters)
         return (out, lse) if return_lse else out
 
 
-def build_attention(strategy: str = "none", layout=None, group=None, kernel: str = "auto"):
+def check_same_shapes_across_ranks(group, q, k, v, positions, doc_ids) -> None:
+    """One small all-gather of every rank's shapes, so a rank whose shard
+    differs fails with a ValueError naming it instead of hanging a P2P loop."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    meta = torch.tensor([*q.shape, *k.shape, *v.shape, positions.dim(), doc_ids.dim(),
+                         dtypes.index(q.dtype) if q.dtype in dtypes else -1], dtype=torch.long)
+    gathered = [torch.empty_like(meta) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, meta, group=group)
+    mine = dist.get_rank(group)
+    differ = [r for r, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+    if differ:
+        raise ValueError(
+            f"context-parallel ranks hold shards of different shapes/dtypes: group rank(s) {differ} differ "
+            f"from rank 0 (this is rank {mine}: q {tuple(q.shape)}, k {tuple(k.shape)}, {q.dtype}); every "
+            f"rank must pass its layout shard of the same sequence (pad to the layout's multiple). "
+            f"Turn the check off with check_shapes=False / cp.check_shapes=false"
+        )
+
+
+def build_attention(strategy: str = "none", layout=None, group=None, kernel: str = "auto",
+                    check_shapes: bool = True):
     """The attention callable for ``strategy`` over ``layout`` / ``group`` with ``kernel``.
 
     strategy "none": single-device (layout and group must be None). "ring" and
@@ -170,4 +194,4 @@ def build_attention(strategy: str = "none", layout=None, group=None, kernel: str
         return LocalAttention(kernel_name)
     if layout is None:
         raise ValueError(f"strategy {strategy!r} needs layout=get_layout(name, cp_size)")
-    return ContextParallelAttention(strategy, layout, group, kernel_name)
+    return ContextParallelAttention(strategy, layout, group, kernel_name, check_shapes)

@@ -39,6 +39,14 @@ def _worker(rank, world):
                 "out": out.detach().numpy(), "lse": lse.numpy(), "dq": ql.grad.numpy(),
                 "dk": kl.grad.numpy(), "dv": vl.grad.numpy(), "pairs": attn.counters.pairs,
             }
+    # A rank holding a shard of another length fails with the metadata check, not a hang.
+    bad = 8 if rank == 1 else 16
+    x = torch.randn(1, bad, 4, 8, dtype=torch.float64)
+    try:
+        build_attention(strategy="ring", layout=get_layout("contiguous", world))(x, x, x)
+        results["mismatch"] = "no error"
+    except ValueError as err:
+        results["mismatch"] = str(err)
     return results
 
 
@@ -65,6 +73,11 @@ def test_build_attention_matches_reference(two_ranks, strategy, layout_name):
     causal = torch.arange(32)[None, :] <= torch.arange(32)[:, None]
     visible = int(((doc[:, None] == doc[None, :]) & causal).sum())
     assert sum(r["pairs"] for r in per_rank) == 2 * visible
+
+
+def test_shards_of_different_shapes_fail_naming_the_rank(two_ranks):
+    for r in two_ranks:
+        assert "group rank(s) [1] differ" in r["mismatch"]
 
 
 def test_layout_group_size_mismatch_is_a_clear_error():
