@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class CPConfig:
-    strategy: str = "none"  # none | ring | allgather
+    strategy: str = "none"  # none | ring | allgather | ulysses
     size: int = 1  # ranks sharing one sequence; world = dp x cp
     layout: str = "contiguous"  # contiguous | zigzag | striped: which tokens each cp rank holds
     check_shapes: bool = True  # one small all-gather per call: mismatched shards fail, never hang
@@ -122,7 +122,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-CP_STRATEGIES = ("none", "ring", "allgather")
+CP_STRATEGIES = ("none", "ring", "allgather", "ulysses")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 KERNELS = ("torch", "auto", "triton")
 DTYPES = ("auto", "float32", "float64", "bfloat16")
@@ -162,6 +162,9 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
             f"model.dim ({m.dim}) / model.num_heads ({m.num_heads}) must be an even head_dim and "
             f"num_heads must divide by model.num_kv_heads ({m.num_kv_heads})"
         )
+    if cfg.cp.strategy == "ulysses" and m.num_heads % cfg.cp.size:
+        raise ValueError(f"cp=ulysses splits heads: model.num_heads ({m.num_heads}) must divide by "
+                         f"cp.size ({cfg.cp.size}); pick a cp.size that divides it or use cp=striped")
     for key in ("steps", "micro_batch_size", "grad_accum", "eval_samples", "keep_checkpoints"):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be >= 1, got {getattr(cfg.trainer, key)}")

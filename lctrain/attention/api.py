@@ -14,7 +14,7 @@ from lctrain_kernels.torch_blockwise import blockwise_attention
 
 from .counters import AttentionCounters
 
-STRATEGIES = ("none", "ring", "allgather")
+STRATEGIES = ("none", "ring", "allgather", "ulysses")
 KERNELS = ("auto", "torch", "triton")
 
 
@@ -99,6 +99,10 @@ def _strategy_fn(strategy: str):
         from .ring import ring_attention
 
         return ring_attention
+    if strategy == "ulysses":
+        from .ulysses import ulysses_attention
+
+        return ulysses_attention
     from .allgather import allgather_attention
 
     return allgather_attention
@@ -177,8 +181,8 @@ def build_attention(strategy: str = "none", layout=None, group=None, kernel: str
                     check_shapes: bool = True):
     """The attention callable for ``strategy`` over ``layout`` / ``group`` with ``kernel``.
 
-    strategy "none": single-device (layout and group must be None). "ring" and
-    "allgather": context parallel over ``group`` (None = the default group) with
+    strategy "none": single-device (layout and group must be None). "ring",
+    "allgather" and "ulysses": context parallel over ``group`` (None = the default group) with
     the sequence dealt by ``layout`` (``get_layout(name, cp_size)``).
     """
     if strategy not in STRATEGIES:

@@ -165,6 +165,7 @@ class UlyssesAttentionFunction(torch.autograd.Function):
         lse_rows = lse_h.view(batch, heads_local, num_ranks, seq).permute(2, 0, 1, 3).reshape(num_ranks, -1)
         (lse_rows,) = exchange.all_to_all("forward", lse_rows)
         lse = lse_rows.view(num_ranks, batch, heads_local, seq).permute(1, 0, 2, 3).reshape(batch, num_heads, seq)
+        lse = lse.contiguous()
         if counters is not None:
             counters.add("forward", pairs=_pair_share(group, num_ranks, pos, doc, causal, window, batch))
 
@@ -173,7 +174,7 @@ class UlyssesAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q_h, k_h, v_h, out_h, lse_h, pos, doc)
         ctx.settings = (group, num_ranks, replicas, causal, window, scale, counters, q.dtype, k.dtype)
         ctx.mark_non_differentiable(lse)
-        return out, lse.contiguous()
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):

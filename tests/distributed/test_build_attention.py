@@ -10,7 +10,7 @@ import torch.distributed as dist
 from lctrain.attention import build_attention, get_layout, reference_attention
 from tests.dist_utils import run_ranks
 
-STRATEGIES = ("ring", "allgather")
+STRATEGIES = ("ring", "allgather", "ulysses")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 

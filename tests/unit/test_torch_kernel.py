@@ -213,7 +213,7 @@ def test_build_attention_positions_are_global():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(strategy="tree"), "available in this version: none, ring, allgather"),
+    (dict(strategy="tree"), "available in this version: none, ring, allgather, ulysses"),
     (dict(strategy="ring"), "needs layout=get_layout"),
     (dict(kernel="cuda"), "auto, torch, triton"),
     (dict(kernel="triton"), "kernel='torch' or 'auto'"),
