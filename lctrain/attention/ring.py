@@ -38,6 +38,7 @@ from lctrain_kernels.mask import as_batched
 from lctrain_kernels.reference import accumulation_dtype
 from lctrain_kernels.torch_blockwise import blockwise_backward, blockwise_forward
 
+from .checks import check_shard_inputs
 from .counters import AttentionCounters, count_visible_pairs, tensor_bytes
 from .merge import merge_partials
 
@@ -152,36 +153,6 @@ class RingAttentionFunction(torch.autograd.Function):
         return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), *([None] * 6)
 
 
-def _check_inputs(q, k, v, q_pos, q_doc, window) -> None:
-    """Local, rank-symmetric checks: every rank raises the same error before any message."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq_local, heads, head_dim), got {tuple(x.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, local sequence length and "
-            f"head_dim: ring attention takes this rank's shard of the same tokens for q, k and v"
-        )
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(
-            f"q has {q.shape[2]} heads and k/v have {k.shape[2]}: the number of query heads must be "
-            f"a multiple of the number of K/V heads (GQA)"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, seq_local = q.shape[:2]
-    for name, coord in (("q_pos", q_pos), ("q_doc", q_doc)):
-        if tuple(coord.shape) not in ((seq_local,), (batch, seq_local)):
-            raise ValueError(
-                f"{name} must have shape ({seq_local},) or ({batch}, {seq_local}): the global "
-                f"coordinates of this rank's tokens (layout.positions), got {tuple(coord.shape)}"
-            )
-    if window is not None and window < 1:
-        raise ValueError(f"window must be a positive number of tokens or None, got {window}")
-
-
 def ring_attention(
     q, k, v, q_pos, q_doc=None, group=None, causal=True, window=None, scale=None,
     counters: AttentionCounters | None = None,
@@ -198,7 +169,7 @@ def ring_attention(
     """
     if q_doc is None:
         q_doc = torch.zeros_like(q_pos)
-    _check_inputs(q, k, v, q_pos, q_doc, window)
+    check_shard_inputs(q, k, v, q_pos, q_doc, window)
     q_pos = as_batched(q_pos.to(device=q.device, dtype=torch.long))
     q_doc = as_batched(q_doc.to(device=q.device, dtype=torch.long))
     if q_pos.shape != q_doc.shape:  # one is per batch row: travel as (b, s_local) both

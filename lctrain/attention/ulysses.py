@@ -47,7 +47,8 @@ import torch.distributed as dist
 from lctrain_kernels.mask import as_batched
 from lctrain_kernels.torch_blockwise import blockwise_backward, blockwise_forward
 
-from .allgather import check_allgather_inputs, group_size
+from .allgather import group_size
+from .checks import check_shard_inputs
 from .counters import count_visible_pairs, tensor_bytes
 
 
@@ -59,7 +60,7 @@ def usable_degrees(num_heads: int, num_kv_heads: int) -> list[int]:
 
 def check_ulysses_inputs(q, k, v, q_pos, q_doc, window, num_ranks: int) -> None:
     """Raise ValueError, naming the fix, before any collective is issued."""
-    check_allgather_inputs(q, k, v, q_pos, q_doc, window)
+    check_shard_inputs(q, k, v, q_pos, q_doc, window)
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
     if num_heads % num_ranks != 0 or (num_kv_heads % num_ranks != 0 and num_ranks % num_kv_heads != 0):
         raise ValueError(

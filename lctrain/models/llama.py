@@ -8,7 +8,7 @@ attention for ring/striped/tree attention never touches this file.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
