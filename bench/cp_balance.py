@@ -293,7 +293,10 @@ def plot(rows, cps, path: Path) -> None:
                     alpha=0.6, label=f"{name} (ring lock-step)")
         ps = np.array(cps, dtype=float)
         if data == "one_doc":
-            ax.plot(ps, 2 * ps / (ps + 1), color="grey", linestyle="--", label="2P/(P+1)")
+            ax.plot(ps, (2 * ps - 1) / ps, color="black", linestyle="--", linewidth=0.8,
+                    label="(2P-1)/P: contiguous, exact")
+            ax.plot(ps, 2 * ps / (ps + 1), color="grey", linestyle="--",
+                    label="2P/(P+1): Striped Attention ceiling")
         ax.axhline(1.0, color="black", linewidth=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xticks(cps, [str(p) for p in cps])
@@ -301,7 +304,8 @@ def plot(rows, cps, path: Path) -> None:
         ax.set_title(f"causal, {data}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("work balance max/mean (ring = allgather)")
-    axes[-1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
