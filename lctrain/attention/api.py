@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from lctrain_kernels.torch_blockwise import blockwise_attention
 
+from .checks import check_coords, check_qkv
 from .counters import AttentionCounters
 
 STRATEGIES = ("none", "ring", "allgather", "ulysses")
@@ -30,36 +31,8 @@ def _resolve_kernel(kernel: str) -> str:
 
 def check_attention_inputs(q, k, v, coords: dict[str, torch.Tensor | None], window) -> None:
     """Raise ValueError, naming the fix, for inputs the kernels cannot take."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch size and head_dim"
-        )
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(
-            f"q has {q.shape[2]} heads and k/v have {k.shape[2]}: the number of query heads must "
-            f"be a multiple of the number of K/V heads (GQA)"
-        )
-    if q.dtype != k.dtype or k.dtype != v.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, seq_len = q.shape[0], q.shape[1]
-    if k.shape[1] != seq_len:
-        raise ValueError(
-            f"q has {seq_len} tokens and k/v {k.shape[1]}: strategy 'none' attends a sequence to "
-            f"itself, pass the same tokens for q, k and v"
-        )
-    for name, coord in coords.items():
-        if coord is not None and tuple(coord.shape) not in ((seq_len,), (batch, seq_len)):
-            raise ValueError(
-                f"{name} must have shape ({seq_len},) or ({batch}, {seq_len}) to match q, "
-                f"got {tuple(coord.shape)}"
-            )
-    if window is not None and window < 1:
-        raise ValueError(f"window must be a positive number of tokens or None, got {window}")
+    check_qkv(q, k, v, window)
+    check_coords(coords, q.shape[0], q.shape[1], required=False)
 
 
 class LocalAttention:

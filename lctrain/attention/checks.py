@@ -9,17 +9,17 @@ from __future__ import annotations
 import torch
 
 
-def check_shard_inputs(q, k, v, q_pos, q_doc, window) -> None:
-    """Raise ValueError, naming the fix, before any collective is issued."""
+def check_qkv(q, k, v, window, seq_word: str = "sequence length") -> None:
+    """Shapes, GQA head ratio, dtypes and window of one attention call."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq_local, heads, head_dim), got {tuple(x.shape)}")
+            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, local sequence length and "
-            f"head_dim: context-parallel attention takes this rank's shard of the same tokens for q, k and v"
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, {seq_word} and head_dim: "
+            f"attention here takes the same tokens for q, k and v"
         )
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(
@@ -28,14 +28,25 @@ def check_shard_inputs(q, k, v, q_pos, q_doc, window) -> None:
         )
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, seq_local = q.shape[0], q.shape[1]
-    for name, coord in (("q_pos", q_pos), ("q_doc", q_doc)):
-        if not isinstance(coord, torch.Tensor) or coord.is_floating_point():
-            raise ValueError(f"{name} must be an integer tensor of global coordinates (layout.positions)")
-        if tuple(coord.shape) not in ((seq_local,), (batch, seq_local)):
-            raise ValueError(
-                f"{name} must have shape ({seq_local},) or ({batch}, {seq_local}) to match the local "
-                f"shard, got {tuple(coord.shape)}"
-            )
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of tokens or None, got {window}")
+
+
+def check_coords(coords: dict, batch: int, seq_len: int, required: bool) -> None:
+    """Per-token coordinates: (seq,) or (batch, seq) integer tensors; None allowed unless required."""
+    for name, coord in coords.items():
+        if coord is None and not required:
+            continue
+        if not isinstance(coord, torch.Tensor) or coord.is_floating_point():
+            raise ValueError(f"{name} must be an integer tensor of global coordinates (layout.positions)")
+        if tuple(coord.shape) not in ((seq_len,), (batch, seq_len)):
+            raise ValueError(
+                f"{name} must have shape ({seq_len},) or ({batch}, {seq_len}) to match q, "
+                f"got {tuple(coord.shape)}"
+            )
+
+
+def check_shard_inputs(q, k, v, q_pos, q_doc, window) -> None:
+    """A context-parallel call on this rank's shard; raises before any collective is issued."""
+    check_qkv(q, k, v, window, seq_word="local sequence length")
+    check_coords({"q_pos": q_pos, "q_doc": q_doc}, q.shape[0], q.shape[1], required=True)
