@@ -56,10 +56,12 @@ class DataConfig:
 
 @dataclass
 class CPConfig:
-    strategy: str = "none"  # none | ring | allgather | ulysses
+    strategy: str = "none"  # none | ring | allgather | ulysses | usp
     size: int = 1  # ranks sharing one sequence; world = dp x cp
     layout: str = "contiguous"  # contiguous | zigzag | striped: which tokens each cp rank holds
     check_shapes: bool = True  # one small all-gather per call: mismatched shards fail, never hang
+    ulysses_size: int = 1  # usp: Ulysses degree inside groups of consecutive ranks; ring across them
+    padding: str = "pad"  # pad: extend to the layout's multiple with masked tokens | none: must divide
 
 
 @dataclass
@@ -122,7 +124,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-CP_STRATEGIES = ("none", "ring", "allgather", "ulysses")
+CP_STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 KERNELS = ("torch", "auto", "triton")
 DTYPES = ("auto", "float32", "float64", "bfloat16")
@@ -137,6 +139,7 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     """Cross-field checks; returns the data-parallel degree."""
     _one_of(cfg.cp.strategy, CP_STRATEGIES, "cp.strategy")
     _one_of(cfg.cp.layout, LAYOUTS, "cp.layout")
+    _one_of(cfg.cp.padding, ("pad", "none"), "cp.padding")
     _one_of(cfg.kernel.name, KERNELS, "kernel.name")
     _one_of(cfg.trainer.dtype, DTYPES, "trainer.dtype")
     _one_of(cfg.trainer.device, ("auto", "cpu", "cuda"), "trainer.device")
@@ -162,9 +165,7 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
             f"model.dim ({m.dim}) / model.num_heads ({m.num_heads}) must be an even head_dim and "
             f"num_heads must divide by model.num_kv_heads ({m.num_kv_heads})"
         )
-    if cfg.cp.strategy == "ulysses" and m.num_heads % cfg.cp.size:
-        raise ValueError(f"cp=ulysses splits heads: model.num_heads ({m.num_heads}) must divide by "
-                         f"cp.size ({cfg.cp.size}); pick a cp.size that divides it or use cp=striped")
+    _check_cp_heads_and_length(cfg)
     for key in ("steps", "micro_batch_size", "grad_accum", "eval_samples", "keep_checkpoints"):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be >= 1, got {getattr(cfg.trainer, key)}")
@@ -177,6 +178,37 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     if cfg.optim.lr <= 0 or not 0 <= cfg.optim.min_lr_ratio <= 1 or len(cfg.optim.betas) != 2:
         raise ValueError("optim: need lr > 0, 0 <= min_lr_ratio <= 1 and two betas, e.g. optim.betas=[0.9,0.95]")
     return dp
+
+
+def _check_cp_heads_and_length(cfg: TrainConfig) -> None:
+    """Head sharding of ulysses/usp and the sequence length every layout can deal."""
+    from lctrain.attention.ulysses import usable_degrees
+    from lctrain.distributed.groups import check_degrees
+
+    cp, m = cfg.cp, cfg.model
+    degree = {"ulysses": cp.size, "usp": cp.ulysses_size}.get(cp.strategy, 1)
+    if cp.strategy == "usp":
+        check_degrees(cp.size, 1, cp.size, cp.ulysses_size)
+    if degree not in usable_degrees(m.num_heads, m.num_kv_heads):
+        raise ValueError(
+            f"cp={cp.strategy} splits heads {degree} ways: model.num_heads ({m.num_heads}) must divide by "
+            f"it and model.num_kv_heads ({m.num_kv_heads}) divide it or by it; Ulysses degrees that work: "
+            f"{usable_degrees(m.num_heads, m.num_kv_heads)} (or use cp=striped)"
+        )
+    if cp.strategy == "none":
+        return
+    multiple = 2 * cp.size if cp.layout == "zigzag" else cp.size
+    if cfg.data.seq_len < cp.size:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} is shorter than cp.size={cp.size}: some cp rank would hold "
+            f"only padding; use data.seq_len >= {cp.size} or a smaller cp.size"
+        )
+    if cp.padding == "none" and cfg.data.seq_len % multiple:
+        raise ValueError(
+            f"cp.layout={cp.layout} over cp.size={cp.size} deals sequences in multiples of {multiple}, "
+            f"and data.seq_len={cfg.data.seq_len} is not one; set data.seq_len="
+            f"{-(-cfg.data.seq_len // multiple) * multiple} or cp.padding=pad (masked padding tokens)"
+        )
 
 
 def run_id() -> str:

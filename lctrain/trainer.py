@@ -46,7 +46,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return fn
 
 
-def build_model(cfg, vocab_size_needed: int, layout=None, cp_group=None) -> Llama:
+def build_model(cfg, vocab_size_needed: int, layout=None, groups=None) -> Llama:
     m = cfg.model
     if m.vocab_size < vocab_size_needed:
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
@@ -54,8 +54,9 @@ def build_model(cfg, vocab_size_needed: int, layout=None, cp_group=None) -> Llam
     shape = LlamaShape(vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
                        num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
                        norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std)
+    cp_group, subgroups = (groups.cp_group, groups.usp_groups) if groups is not None else (None, None)
     attention = build_attention(strategy=cfg.cp.strategy, layout=layout, group=cp_group, kernel=cfg.kernel.name,
-                                check_shapes=cfg.cp.check_shapes)
+                                check_shapes=cfg.cp.check_shapes, subgroups=subgroups)
     return Llama(shape, attention, activation_checkpointing=m.activation_checkpointing)
 
 
@@ -64,7 +65,8 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.dp_size = validate(cfg, env.world_size)
-        self.groups = build_parallel_groups(env.rank, env.world_size, self.dp_size, cfg.cp.size)
+        self.groups = build_parallel_groups(env.rank, env.world_size, self.dp_size, cfg.cp.size,
+                                            cfg.cp.ulysses_size if cfg.cp.strategy == "usp" else None)
         self.dp_rank = self.groups.dp_rank
         # Ranks of one cp group share each sequence; the layout deals its tokens.
         self.layout = get_layout(cfg.cp.layout, cfg.cp.size) if cfg.cp.strategy != "none" else None
@@ -79,7 +81,7 @@ class Trainer:
         tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.pad_id = tokenizer.pad_id
-        self.model = build_model(cfg, tokenizer.vocab_size, self.layout, self.groups.cp_group)
+        self.model = build_model(cfg, tokenizer.vocab_size, self.layout, self.groups)
         self.model = self.model.to(self.param_dtype).to(env.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

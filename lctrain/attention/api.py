@@ -15,7 +15,7 @@ from lctrain_kernels.torch_blockwise import blockwise_attention
 from .checks import check_coords, check_qkv
 from .counters import AttentionCounters
 
-STRATEGIES = ("none", "ring", "allgather", "ulysses")
+STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp")
 KERNELS = ("auto", "torch", "triton")
 
 
@@ -76,6 +76,13 @@ def _strategy_fn(strategy: str):
         from .ulysses import ulysses_attention
 
         return ulysses_attention
+    if strategy == "usp":
+        from .usp import usp_attention
+
+        def usp(q, k, v, positions, doc_ids, groups, **kwargs):
+            return usp_attention(q, k, v, positions, doc_ids, *groups, **kwargs)
+
+        return usp
     from .allgather import allgather_attention
 
     return allgather_attention
@@ -88,8 +95,11 @@ class ContextParallelAttention:
     by this rank over calls (``counters.reset()`` to start afresh).
     """
 
-    def __init__(self, strategy: str, layout, group, kernel_name: str, check_shapes: bool = True):
+    def __init__(self, strategy: str, layout, group, kernel_name: str, check_shapes: bool = True,
+                 subgroups=None):
         self.strategy, self.layout, self.group, self.kernel_name = strategy, layout, group, kernel_name
+        # usp communicates over its (ulysses, ring) subgroups; the others over the cp group.
+        self.comm_group = subgroups if strategy == "usp" else group
         self.check_shapes = check_shapes
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         size = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -124,7 +134,7 @@ class ContextParallelAttention:
         doc_ids = doc_ids.to(q.device)
         if self.check_shapes:
             check_same_shapes_across_ranks(self.group, q, k, v, positions, doc_ids)
-        out, lse = self._fn(q, k, v, positions, doc_ids, self.group, causal=causal, window=window,
+        out, lse = self._fn(q, k, v, positions, doc_ids, self.comm_group, causal=causal, window=window,
                             scale=scale, counters=self.counters)
         return (out, lse) if return_lse else out
 
@@ -151,12 +161,15 @@ def check_same_shapes_across_ranks(group, q, k, v, positions, doc_ids) -> None:
 
 
 def build_attention(strategy: str = "none", layout=None, group=None, kernel: str = "auto",
-                    check_shapes: bool = True):
+                    check_shapes: bool = True, subgroups=None, ulysses_size: int | None = None):
     """The attention callable for ``strategy`` over ``layout`` / ``group`` with ``kernel``.
 
     strategy "none": single-device (layout and group must be None). "ring",
-    "allgather" and "ulysses": context parallel over ``group`` (None = the default group) with
-    the sequence dealt by ``layout`` (``get_layout(name, cp_size)``).
+    "allgather", "ulysses" and "usp": context parallel over ``group`` (None = the default
+    group) with the sequence dealt by ``layout`` (``get_layout(name, cp_size)``).
+    "usp" also needs its (ulysses_group, ring_group): ``subgroups=
+    build_parallel_groups(..., ulysses_size=U).usp_groups``, or, when ``group`` is None,
+    ``ulysses_size=U`` builds them over the default group (every rank must call it).
     """
     if strategy not in STRATEGIES:
         raise ValueError(
@@ -171,4 +184,25 @@ def build_attention(strategy: str = "none", layout=None, group=None, kernel: str
         return LocalAttention(kernel_name)
     if layout is None:
         raise ValueError(f"strategy {strategy!r} needs layout=get_layout(name, cp_size)")
-    return ContextParallelAttention(strategy, layout, group, kernel_name, check_shapes)
+    if strategy == "usp":
+        subgroups = _usp_subgroups(layout, group, subgroups, ulysses_size)
+    return ContextParallelAttention(strategy, layout, group, kernel_name, check_shapes, subgroups)
+
+
+def _usp_subgroups(layout, group, subgroups, ulysses_size):
+    if subgroups is not None:
+        return subgroups
+    if group is not None or ulysses_size is None:
+        raise ValueError(
+            "strategy 'usp' needs subgroups=build_parallel_groups(..., ulysses_size=U).usp_groups, "
+            "or group=None with ulysses_size=U to factor the default group"
+        )
+    from lctrain.distributed.groups import build_parallel_groups
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if layout.cp_size != world:
+        raise ValueError(f"layout cp_size={layout.cp_size} but the default group has {world} ranks")
+    if world == 1:
+        return None, None
+    return build_parallel_groups(rank, world, 1, world, ulysses_size).usp_groups

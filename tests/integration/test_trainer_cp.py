@@ -1,8 +1,10 @@
-"""Training with context parallelism reproduces cp=none (float64, 2 gloo ranks).
+"""Training with context parallelism reproduces cp=none (float64, 2 and 4 gloo ranks).
 
-dp=1 x cp=2: both ranks hold halves of the same sequence, so the loss curve
-must equal a single process holding whole sequences. seq_len=250 is not a
-multiple of zigzag's 4, so the trainer's padding is exercised too.
+dp=1 x cp=P: the ranks hold parts of the same sequence, so the loss curve
+must equal a single process holding whole sequences, over 10 steps and an
+eval. seq_len=250 is not a multiple of P (nor of zigzag's 2P), so the
+trainer's padding is exercised too. usp runs Ulysses over P/2 consecutive
+ranks and the ring across them (P=4: 2 x 2).
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from tests.dist_utils import run_ranks
 from tests.integration.test_trainer_distributed import _run_steps, _trainer
 
 CASES = [("ring", "contiguous"), ("ring", "striped"), ("ring", "zigzag"), ("allgather", "zigzag"),
-         ("ulysses", "striped")]
-COMMON = ["trainer.dtype=float64", "trainer.steps=4", "data.seq_len=250"]
+         ("ulysses", "striped"), ("usp", "striped")]
+STEPS = 10
+COMMON = ["trainer.dtype=float64", f"trainer.steps={STEPS}", "data.seq_len=250"]
 
 
 def _workers(rank, world, tmp):
     out = {}
     for strategy, layout in CASES:
-        t = _trainer(COMMON + [f"cp.strategy={strategy}", f"cp.layout={layout}", f"cp.size={world}"],
+        t = _trainer(COMMON + [f"cp.strategy={strategy}", f"cp.layout={layout}", f"cp.size={world}",
+                               f"cp.ulysses_size={max(1, world // 2)}"],
                      f"{tmp}/{strategy}-{layout}")
-        out[(strategy, layout)] = (_run_steps(t, 4), t.evaluate())
+        out[(strategy, layout)] = (_run_steps(t, STEPS), t.evaluate())
         core = t.model.layers[0].attn.core
         assert core.strategy == strategy and core.layout.name == layout
         assert core.counters.pairs > 0 and core.counters.messages_sent > 0
@@ -35,20 +39,21 @@ def _workers(rank, world, tmp):
 
 
 @pytest.fixture(scope="module")
-def cp2(tmp_path_factory):
-    return run_ranks(_workers, 2, str(tmp_path_factory.mktemp("cp2")))
+def cp_runs(tmp_path_factory):
+    return {world: run_ranks(_workers, world, str(tmp_path_factory.mktemp(f"cp{world}"))) for world in (2, 4)}
 
 
 @pytest.fixture(scope="module")
 def no_cp(tmp_path_factory):
     t = _trainer(COMMON, tmp_path_factory.mktemp("nocp"), env=DistEnv(0, 1, 0, 1, torch.device("cpu"), None))
-    return _run_steps(t, 4), t.evaluate()
+    return _run_steps(t, STEPS), t.evaluate()
 
 
+@pytest.mark.parametrize("world", (2, 4))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def test_cp_training_reproduces_cp_none(cp2, no_cp, case):
+def test_cp_training_reproduces_cp_none(cp_runs, no_cp, case, world):
     expected_losses, expected_eval = no_cp
-    for losses, evaluation in (r[case] for r in cp2):
+    for losses, evaluation in (r[case] for r in cp_runs[world]):
         assert losses == pytest.approx(expected_losses, abs=1e-10, rel=1e-10)
         for key, value in expected_eval.items():
             assert evaluation[key] == pytest.approx(value, abs=1e-10), key

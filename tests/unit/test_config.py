@@ -169,6 +169,14 @@ def test_unknown_group_option_fails():
     (["data.seq_len=1"], 1, "data.seq_len"),
     (["data.tokenizer=hf"], 1, "data.tokenizer_path="),
     (["optim.betas=[0.9]"], 1, "optim.betas"),
+    # heads that the Ulysses degree cannot split; a cp size the usp degree does not divide
+    (["cp=ulysses", "cp.size=3"], 3, re.escape("Ulysses degrees that work: [1, 2, 4]")),
+    (["cp=usp", "cp.size=6", "cp.ulysses_size=4"], 6, re.escape("must divide the cp size (6)")),
+    (["cp=usp", "cp.ulysses_size=3", "cp.size=6"], 6, "Ulysses degrees that work"),
+    # sequence lengths no padding policy allows, or that cp.padding=none refuses
+    (["cp=striped", "cp.size=4", "data.seq_len=3"], 4, "data.seq_len >= 4"),
+    (["cp=zigzag", "cp.padding=none", "data.seq_len=250"], 2, "data.seq_len=252 or cp.padding=pad"),
+    (["cp.padding=maybe"], 1, "cp.padding"),
 ])
 def test_validate_names_the_fix(overrides, world, needle):
     cfg = compose_train(overrides)
