@@ -56,11 +56,12 @@ class DataConfig:
 
 @dataclass
 class CPConfig:
-    strategy: str = "none"  # none | ring | allgather | ulysses | usp
+    strategy: str = "none"  # none | ring | allgather | ulysses | usp | tree
     size: int = 1  # ranks sharing one sequence; world = dp x cp
     layout: str = "contiguous"  # contiguous | zigzag | striped: which tokens each cp rank holds
     check_shapes: bool = True  # one small all-gather per call: mismatched shards fail, never hang
     ulysses_size: int = 1  # usp: Ulysses degree inside groups of consecutive ranks; ring across them
+    query_chunk: int = 0  # tree: gathered query tokens per rank per chunk (bounds memory); 0 = all at once
     padding: str = "pad"  # pad: extend to the layout's multiple with masked tokens | none: must divide
 
 
@@ -124,7 +125,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-CP_STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp")
+CP_STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp", "tree")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 KERNELS = ("torch", "auto", "triton")
 DTYPES = ("auto", "float32", "float64", "bfloat16")

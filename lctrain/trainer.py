@@ -56,7 +56,8 @@ def build_model(cfg, vocab_size_needed: int, layout=None, groups=None) -> Llama:
                        norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std)
     cp_group, subgroups = (groups.cp_group, groups.usp_groups) if groups is not None else (None, None)
     attention = build_attention(strategy=cfg.cp.strategy, layout=layout, group=cp_group, kernel=cfg.kernel.name,
-                                check_shapes=cfg.cp.check_shapes, subgroups=subgroups)
+                                check_shapes=cfg.cp.check_shapes, subgroups=subgroups,
+                                query_chunk=cfg.cp.query_chunk or None)
     return Llama(shape, attention, activation_checkpointing=m.activation_checkpointing)
 
 

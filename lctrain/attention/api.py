@@ -15,7 +15,7 @@ from lctrain_kernels.torch_blockwise import blockwise_attention
 from .checks import check_coords, check_qkv
 from .counters import AttentionCounters
 
-STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp")
+STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp", "tree")
 KERNELS = ("auto", "torch", "triton")
 
 
@@ -66,8 +66,14 @@ class LocalAttention:
         return (out, lse) if return_lse else out
 
 
-def _strategy_fn(strategy: str):
+def _strategy_fn(strategy: str, query_chunk: int | None = None):
     # Imported here so each strategy module stays independent of the others.
+    if strategy == "tree":
+        from functools import partial
+
+        from .tree import tree_attention
+
+        return partial(tree_attention, query_chunk=query_chunk or None)
     if strategy == "ring":
         from .ring import ring_attention
 
@@ -96,7 +102,7 @@ class ContextParallelAttention:
     """
 
     def __init__(self, strategy: str, layout, group, kernel_name: str, check_shapes: bool = True,
-                 subgroups=None):
+                 subgroups=None, query_chunk: int | None = None):
         self.strategy, self.layout, self.group, self.kernel_name = strategy, layout, group, kernel_name
         # usp communicates over its (ulysses, ring) subgroups; the others over the cp group.
         self.comm_group = subgroups if strategy == "usp" else group
@@ -109,7 +115,7 @@ class ContextParallelAttention:
                 f"{size} ranks; build it with get_layout({layout.name!r}, cp_size={size})"
             )
         self.counters = AttentionCounters()
-        self._fn = _strategy_fn(strategy)
+        self._fn = _strategy_fn(strategy, query_chunk)
 
     def __repr__(self) -> str:
         return f"ContextParallelAttention({self.strategy!r}, layout={self.layout.name!r}, kernel={self.kernel_name!r})"
@@ -161,7 +167,8 @@ def check_same_shapes_across_ranks(group, q, k, v, positions, doc_ids) -> None:
 
 
 def build_attention(strategy: str = "none", layout=None, group=None, kernel: str = "auto",
-                    check_shapes: bool = True, subgroups=None, ulysses_size: int | None = None):
+                    check_shapes: bool = True, subgroups=None, ulysses_size: int | None = None,
+                    query_chunk: int | None = None):
     """The attention callable for ``strategy`` over ``layout`` / ``group`` with ``kernel``.
 
     strategy "none": single-device (layout and group must be None). "ring",
@@ -170,6 +177,7 @@ def build_attention(strategy: str = "none", layout=None, group=None, kernel: str
     "usp" also needs its (ulysses_group, ring_group): ``subgroups=
     build_parallel_groups(..., ulysses_size=U).usp_groups``, or, when ``group`` is None,
     ``ulysses_size=U`` builds them over the default group (every rank must call it).
+    "tree": ``query_chunk`` bounds the gathered query tokens per rank held at once.
     """
     if strategy not in STRATEGIES:
         raise ValueError(
@@ -186,7 +194,7 @@ def build_attention(strategy: str = "none", layout=None, group=None, kernel: str
         raise ValueError(f"strategy {strategy!r} needs layout=get_layout(name, cp_size)")
     if strategy == "usp":
         subgroups = _usp_subgroups(layout, group, subgroups, ulysses_size)
-    return ContextParallelAttention(strategy, layout, group, kernel_name, check_shapes, subgroups)
+    return ContextParallelAttention(strategy, layout, group, kernel_name, check_shapes, subgroups, query_chunk)
 
 
 def _usp_subgroups(layout, group, subgroups, ulysses_size):
