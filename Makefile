@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: tiny Llama on built-in passkey retrieval, $(NPROC) ranks (gloo on CPU).
+# The main job: tiny Llama on built-in passkey retrieval, each sequence split over
+# $(NPROC) >= 2 ranks with striped ring attention (gloo on CPU).
 train: setup
-	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m lctrain.train experiment=cpu_demo $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m lctrain.train experiment=cpu_demo \
+		cp.size=$(NPROC) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -3,6 +3,19 @@
 Balance (max/mean over ranks of `pairs`) and volume (`bytes_sent`) are the
 figures that compare layouts and strategies without a GPU, so tests and
 benchmarks read them from here rather than from timers.
+
+One convention for every strategy:
+
+- ``messages_sent``: communication operations this rank issues, each a
+  latency step: one batched point-to-point transfer to a peer (a ring hop
+  carrying a payload plus its coordinates) or one collective call (all-gather,
+  all-to-all, reduce-scatter, all-reduce). Ring's P - 1 hops and Ulysses'
+  four collectives are thus comparable as sequential steps.
+- ``bytes_sent``: payload bytes leaving this rank (for a collective, what this
+  rank contributes to the other ranks, e.g. (P - 1) rows of an all-to-all).
+- ``pairs``: unmasked (query, key) token pairs, summed over batch rows; head
+  sharded strategies (Ulysses, usp) report this rank's share of the heads so
+  the ranks' sum is the sequence's visible pairs.
 """
 
 from __future__ import annotations

@@ -83,3 +83,27 @@ def test_shards_of_different_shapes_fail_naming_the_rank(two_ranks):
 def test_layout_group_size_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="cp_size=1"):
         build_attention(strategy="ring", layout=get_layout("striped", 4))
+
+
+def _mismatch_worker(rank, world):
+    """Three ranks: one with a shard of another length, then one with another dtype."""
+    dist.init_process_group("gloo")
+    layout = get_layout("striped", world)
+    messages = []
+    for bad_rank, seq, dtype in ((2, 4, torch.float64), (1, 8, torch.float32)):
+        length = seq if rank == bad_rank else 8
+        x = torch.randn(1, length, 4, 8, dtype=dtype if rank == bad_rank else torch.float64)
+        for strategy in ("ring", "allgather", "ulysses", "tree"):
+            try:
+                build_attention(strategy=strategy, layout=layout)(x, x, x)
+                messages.append("no error")
+            except ValueError as err:
+                messages.append(str(err))
+    return messages
+
+
+def test_metadata_check_names_the_odd_rank_out_of_three():
+    per_rank = run_ranks(_mismatch_worker, 3, timeout=120)
+    for messages in per_rank:
+        assert all("group rank(s) [2] differ" in m for m in messages[:4]), messages
+        assert all("group rank(s) [1] differ" in m for m in messages[4:]), messages

@@ -105,8 +105,8 @@ def test_cpu_demo_experiment():
     cfg = compose_train(["experiment=cpu_demo"])
     assert cfg.model.name == "tiny" and cfg.model.dim == 128
     assert cfg.data.name == "passkey" and cfg.data.seq_len >= 4096
-    assert cfg.trainer.steps >= 100 and cfg.cp.strategy == "none"
-    assert validate(cfg, 2) == 2
+    assert cfg.trainer.steps >= 100 and (cfg.cp.strategy, cfg.cp.layout, cfg.cp.size) == ("ring", "striped", 2)
+    assert validate(cfg, 2) == 1
     # Command-line overrides still win over the experiment.
     cfg = compose_train(["experiment=cpu_demo", "trainer.steps=5", "data.seq_len=512"])
     assert cfg.trainer.steps == 5 and cfg.data.seq_len == 512
