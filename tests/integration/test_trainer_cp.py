@@ -19,7 +19,7 @@ from tests.dist_utils import run_ranks
 from tests.integration.test_trainer_distributed import _run_steps, _trainer
 
 CASES = [("ring", "contiguous"), ("ring", "striped"), ("ring", "zigzag"), ("allgather", "zigzag"),
-         ("ulysses", "striped"), ("usp", "striped")]
+         ("ulysses", "striped"), ("usp", "striped"), ("tree", "zigzag")]
 STEPS = 10
 COMMON = ["trainer.dtype=float64", f"trainer.steps={STEPS}", "data.seq_len=250"]
 
