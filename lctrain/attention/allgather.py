@@ -37,10 +37,10 @@ import torch
 import torch.distributed as dist
 
 from lctrain_kernels.mask import as_batched
-from lctrain_kernels.torch_blockwise import blockwise_backward, blockwise_forward
 
 from .checks import check_shard_inputs
 from .counters import count_visible_pairs, tensor_bytes
+from .local_kernels import as_local_kernel
 
 
 def group_size(group) -> int:
@@ -69,7 +69,7 @@ class AllGatherAttentionFunction(torch.autograd.Function):
     """Autograd function: gradients flow through ``out``; ``lse`` is non-differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, q_doc, group, causal, window, scale, counters):
+    def forward(ctx, q, k, v, q_pos, q_doc, group, causal, window, scale, counters, kernel):
         num_ranks = group_size(group)
         coords = torch.stack(torch.broadcast_tensors(as_batched(q_pos).long(), as_batched(q_doc).long()))
         if num_ranks > 1:
@@ -83,27 +83,27 @@ class AllGatherAttentionFunction(torch.autograd.Function):
         else:
             k_all, v_all, coords_all = k, v, coords
         k_pos, k_doc = coords_all[0], coords_all[1]
-        out, lse = blockwise_forward(q, k_all, v_all, q_pos, k_pos, q_doc, k_doc, causal, window, scale)
+        out, lse = kernel.forward(q, k_all, v_all, q_pos, k_pos, q_doc, k_doc, causal, window, scale)
         if counters is not None:
             counters.add("forward", pairs=_pairs(q_pos, k_pos, q_doc, k_doc, causal, window, q.shape[0]))
 
         # Only the local K/V shards are saved; backward gathers them again.
         ctx.save_for_backward(q, k, v, out, lse, q_pos, q_doc, k_pos, k_doc)
-        ctx.settings = (group, num_ranks, causal, window, scale, counters)
+        ctx.settings = (group, num_ranks, causal, window, scale, counters, kernel)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, q_pos, q_doc, k_pos, k_doc = ctx.saved_tensors
-        group, num_ranks, causal, window, scale, counters = ctx.settings
+        group, num_ranks, causal, window, scale, counters, kernel = ctx.settings
         num_kv_heads = k.shape[2]
         if num_ranks > 1:
             kv = torch.cat([k, v], dim=2)
             k_all, v_all = _all_gather_cat(kv, group, num_ranks, dim=1).split(num_kv_heads, dim=2)
         else:
             k_all, v_all = k, v
-        dq, dk_all, dv_all = blockwise_backward(
+        dq, dk_all, dv_all = kernel.backward(
             dout, q, k_all, v_all, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window, scale
         )
         if num_ranks > 1:
@@ -120,11 +120,11 @@ class AllGatherAttentionFunction(torch.autograd.Function):
             dk, dv = dk_all, dv_all
         if counters is not None:
             counters.add("backward", pairs=_pairs(q_pos, k_pos, q_doc, k_doc, causal, window, q.shape[0]))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 7)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 8)
 
 
 def allgather_attention(
-    q, k, v, q_pos, q_doc, group, causal=True, window=None, scale=None, counters=None,
+    q, k, v, q_pos, q_doc, group, causal=True, window=None, scale=None, counters=None, kernel=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather context-parallel attention on this rank's local shards.
 
@@ -134,8 +134,10 @@ def allgather_attention(
     group (None = the default group, or a single rank when torch.distributed
     is not initialised). Returns out (b, s_local, h, d) in q's dtype and lse
     (b, h, s_local) in fp32 (fp64 for fp64 inputs), -inf for rows that see no
-    key. Differentiable in q, k, v. ``counters``: an AttentionCounters.
+    key. Differentiable in q, k, v. ``counters``: an AttentionCounters; ``kernel``: the local
+    kernel ("torch", "triton", "auto" or a LocalKernel).
     """
     check_shard_inputs(q, k, v, q_pos, q_doc, window)
     q_pos, q_doc = q_pos.to(q.device), q_doc.to(q.device)
-    return AllGatherAttentionFunction.apply(q, k, v, q_pos, q_doc, group, causal, window, scale, counters)
+    return AllGatherAttentionFunction.apply(q, k, v, q_pos, q_doc, group, causal, window, scale, counters,
+                                            as_local_kernel(kernel, q))

@@ -10,23 +10,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lctrain_kernels.torch_blockwise import blockwise_attention
-
 from .checks import check_coords, check_qkv
 from .counters import AttentionCounters
+from .local_kernels import KERNEL_NAMES, check_kernel_name, resolve_kernel
 
 STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp", "tree")
-KERNELS = ("auto", "torch", "triton")
-
-
-def _resolve_kernel(kernel: str) -> str:
-    if kernel == "triton":
-        raise ValueError(
-            "the Triton kernel is not part of this version of lctrain; use kernel='torch' or 'auto'"
-        )
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    return "torch"  # "auto" picks Triton on CUDA once that kernel exists
+KERNELS = KERNEL_NAMES
 
 
 def check_attention_inputs(q, k, v, coords: dict[str, torch.Tensor | None], window) -> None:
@@ -60,9 +49,8 @@ class LocalAttention:
         if doc_ids is None:
             doc_ids = torch.zeros(seq_len, dtype=torch.long, device=q.device)
         positions, doc_ids = positions.to(q.device), doc_ids.to(q.device)
-        out, lse = blockwise_attention(
-            q, k, v, positions, positions, doc_ids, doc_ids, causal, window, scale
-        )
+        kernel = resolve_kernel(self.kernel_name, q)
+        out, lse = kernel.attention(q, k, v, positions, positions, doc_ids, doc_ids, causal, window, scale)
         return (out, lse) if return_lse else out
 
 
@@ -141,7 +129,7 @@ class ContextParallelAttention:
         if self.check_shapes:
             check_same_shapes_across_ranks(self.group, q, k, v, positions, doc_ids)
         out, lse = self._fn(q, k, v, positions, doc_ids, self.comm_group, causal=causal, window=window,
-                            scale=scale, counters=self.counters)
+                            scale=scale, counters=self.counters, kernel=self.kernel_name)
         return (out, lse) if return_lse else out
 
 
@@ -183,7 +171,7 @@ def build_attention(strategy: str = "none", layout=None, group=None, kernel: str
         raise ValueError(
             f"unknown attention strategy {strategy!r}; available in this version: {', '.join(STRATEGIES)}"
         )
-    kernel_name = _resolve_kernel(kernel)
+    kernel_name = check_kernel_name(kernel)
     if strategy == "none":
         if layout is not None or group is not None:
             raise ValueError(

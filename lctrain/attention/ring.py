@@ -36,17 +36,18 @@ import torch.distributed as dist
 
 from lctrain_kernels.mask import as_batched
 from lctrain_kernels.reference import accumulation_dtype
-from lctrain_kernels.torch_blockwise import blockwise_backward, blockwise_forward
 
 from .checks import check_shard_inputs
 from .counters import AttentionCounters, count_visible_pairs, tensor_bytes
+from .local_kernels import TORCH_KERNEL, LocalKernel, as_local_kernel
 from .merge import merge_partials
 
 
 class _Ring:
     """This rank's place in the ring: size, neighbours (as global ranks) and counters."""
 
-    def __init__(self, group, counters: AttentionCounters | None):
+    def __init__(self, group, counters: AttentionCounters | None, kernel: LocalKernel | None = None):
+        self.kernel = kernel if kernel is not None else TORCH_KERNEL
         if group is None and not dist.is_initialized():
             self.size, self.rank = 1, 0
         else:
@@ -97,7 +98,7 @@ class RingAttentionFunction(torch.autograd.Function):
             if step < ring.size - 1:  # prefetch the next block while computing this one
                 requests = ring.exchange("forward", [kv_cur, coord_cur], [kv_spare, coord_spare])
             k_pos, k_doc = coord_cur[0], coord_cur[1]
-            out_blk, lse_blk = blockwise_forward(
+            out_blk, lse_blk = ring.kernel.forward(
                 q, kv_cur[0], kv_cur[1], q_pos, k_pos, q_doc, k_doc, causal, window, scale
             )
             ring.count_pairs("forward", q_pos, k_pos, q_doc, k_doc, causal, window, q.shape[0])
@@ -130,7 +131,7 @@ class RingAttentionFunction(torch.autograd.Function):
             if step < ring.size - 1:
                 kv_requests = ring.exchange("backward", [kv_cur, coord_cur], [kv_spare, coord_spare])
             k_pos, k_doc = coord_cur[0], coord_cur[1]
-            dq_blk, dk_blk, dv_blk = blockwise_backward(
+            dq_blk, dk_blk, dv_blk = ring.kernel.backward(
                 dout, q, kv_cur[0], kv_cur[1], out, lse, q_pos, k_pos, q_doc, k_doc,
                 causal, window, scale, delta=delta,
             )
@@ -155,7 +156,7 @@ class RingAttentionFunction(torch.autograd.Function):
 
 def ring_attention(
     q, k, v, q_pos, q_doc=None, group=None, causal=True, window=None, scale=None,
-    counters: AttentionCounters | None = None,
+    counters: AttentionCounters | None = None, kernel: LocalKernel | str | None = None,
 ):
     """Ring attention of this rank's shards. Returns (out (b, s_local, h, d), lse (b, h, s_local)).
 
@@ -165,6 +166,7 @@ def ring_attention(
     None means one document; -1 marks padding. ``group``: the context-parallel
     process group (None: the default group, or no ring if torch.distributed is
     not initialised). ``counters`` receives pairs, bytes and messages per phase.
+    ``kernel``: the local kernel per block ("torch", "triton", "auto" or a LocalKernel).
     lse is float32 (float64 for float64 inputs), -inf on rows that see no key.
     """
     if q_doc is None:
@@ -175,5 +177,5 @@ def ring_attention(
     if q_pos.shape != q_doc.shape:  # one is per batch row: travel as (b, s_local) both
         q_pos, q_doc = q_pos.expand(q.shape[0], -1), q_doc.expand(q.shape[0], -1)
     q_pos, q_doc = q_pos.contiguous(), q_doc.contiguous()
-    ring = _Ring(group, counters)
+    ring = _Ring(group, counters, as_local_kernel(kernel, q))
     return RingAttentionFunction.apply(q, k, v, q_pos, q_doc, ring, causal, window, scale)

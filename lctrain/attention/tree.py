@@ -58,16 +58,17 @@ import torch.distributed as dist
 
 from lctrain_kernels.mask import as_batched
 from lctrain_kernels.reference import accumulation_dtype
-from lctrain_kernels.torch_blockwise import blockwise_backward, blockwise_forward
 
 from .checks import check_shard_inputs
 from .counters import AttentionCounters, count_visible_pairs, tensor_bytes
+from .local_kernels import TORCH_KERNEL, LocalKernel, as_local_kernel
 
 
 class _Tree:
     """This rank's place in the group, its collectives, and its counters."""
 
-    def __init__(self, group, counters: AttentionCounters | None):
+    def __init__(self, group, counters: AttentionCounters | None, kernel: LocalKernel | None = None):
+        self.kernel = kernel if kernel is not None else TORCH_KERNEL
         if group is None and not dist.is_initialized():
             self.size, self.rank = 1, 0
         else:
@@ -129,7 +130,7 @@ class TreeAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, q_pos, q_doc, tree, causal, window, scale, query_chunk):
         batch = q.shape[0]
         if tree.size == 1:
-            out, lse = blockwise_forward(q, k, v, q_pos, q_pos, q_doc, q_doc, causal, window, scale)
+            out, lse = tree.kernel.forward(q, k, v, q_pos, q_pos, q_doc, q_doc, causal, window, scale)
             tree.count_pairs("forward", q_pos, q_pos, q_doc, q_doc, causal, window, batch)
             ctx.save_for_backward(q, k, v, out, lse, q_pos, q_doc, None)
             ctx.settings = (tree, causal, window, scale, query_chunk)
@@ -144,7 +145,7 @@ class TreeAttentionFunction(torch.autograd.Function):
         for start, end in _chunks(q.shape[1], query_chunk):
             q_all = tree.all_gather("forward", q[:, start:end], dim=1)  # (b, P * c, h, d)
             pos_all, doc_all = _chunk_coords(coords_all, start, end)
-            out_part, lse_part = blockwise_forward(
+            out_part, lse_part = tree.kernel.forward(
                 q_all, k, v, pos_all, q_pos, doc_all, q_doc, causal, window, scale
             )
             tree.count_pairs("forward", pos_all, q_pos, doc_all, q_doc, causal, window, batch)
@@ -173,7 +174,7 @@ class TreeAttentionFunction(torch.autograd.Function):
         tree, causal, window, scale, query_chunk = ctx.settings
         batch, num_heads = q.shape[0], q.shape[2]
         if tree.size == 1:
-            dq, dk, dv = blockwise_backward(
+            dq, dk, dv = tree.kernel.backward(
                 dout, q, k, v, out, lse, q_pos, q_pos, q_doc, q_doc, causal, window, scale
             )
             tree.count_pairs("backward", q_pos, q_pos, q_doc, q_doc, causal, window, batch)
@@ -190,7 +191,7 @@ class TreeAttentionFunction(torch.autograd.Function):
             stats = torch.stack([lse[:, :, start:end], delta[:, :, start:end]])  # (2, b, h, c)
             lse_all, delta_all = tree.all_gather("backward", stats, dim=-1)
             pos_all, doc_all = _chunk_coords(coords_all, start, end)
-            dq_part, dk_part, dv_part = blockwise_backward(
+            dq_part, dk_part, dv_part = tree.kernel.backward(
                 dout_all, q_all, k, v, None, lse_all, pos_all, q_pos, doc_all, q_doc,
                 causal, window, scale, delta=delta_all,
             )
@@ -234,6 +235,7 @@ def tree_peak_bytes(
 def tree_attention(
     q, k, v, q_pos, q_doc=None, group=None, causal=True, window=None, scale=None,
     counters: AttentionCounters | None = None, query_chunk: int | None = None,
+    kernel: LocalKernel | str | None = None,
 ):
     """Tree attention of this rank's shards. Returns (out (b, s_local, h, d), lse (b, h, s_local)).
 
@@ -245,7 +247,7 @@ def tree_attention(
     torch.distributed is not initialised). ``query_chunk``: most local query
     tokens per rank gathered at once (None: the whole shard), bounding peak
     memory at P x query_chunk gathered tokens. ``counters`` receives pairs,
-    bytes and messages per phase. lse is float32 (float64 for float64 inputs),
+    bytes and messages per phase; ``kernel``: the local kernel. lse is float32 (float64 for float64 inputs),
     -inf on rows that see no key.
     """
     if q_doc is None:
@@ -259,5 +261,5 @@ def tree_attention(
     if q_pos.shape != q_doc.shape:  # one is per batch row: travel as (b, s_local) both
         q_pos, q_doc = q_pos.expand(q.shape[0], -1), q_doc.expand(q.shape[0], -1)
     q_pos, q_doc = q_pos.contiguous(), q_doc.contiguous()
-    tree = _Tree(group, counters)
+    tree = _Tree(group, counters, as_local_kernel(kernel, q))
     return TreeAttentionFunction.apply(q, k, v, q_pos, q_doc, tree, causal, window, scale, query_chunk)

@@ -45,11 +45,11 @@ import torch
 import torch.distributed as dist
 
 from lctrain_kernels.mask import as_batched
-from lctrain_kernels.torch_blockwise import blockwise_backward, blockwise_forward
 
 from .allgather import group_size
 from .checks import check_shard_inputs
 from .counters import count_visible_pairs, tensor_bytes
+from .local_kernels import as_local_kernel
 
 
 def usable_degrees(num_heads: int, num_kv_heads: int) -> list[int]:
@@ -144,7 +144,7 @@ class UlyssesAttentionFunction(torch.autograd.Function):
     """Autograd function: gradients flow through ``out``; ``lse`` is non-differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, q_doc, group, causal, window, scale, counters):
+    def forward(ctx, q, k, v, q_pos, q_doc, group, causal, window, scale, counters, kernel):
         num_ranks = group_size(group)
         batch, seq, num_heads, dim = q.shape
         replicas = _kv_replicas(k.shape[2], num_ranks)
@@ -160,7 +160,7 @@ class UlyssesAttentionFunction(torch.autograd.Function):
         k_h = _rows_to_heads(k_rows, batch, seq, kv_heads_local, dim)
         v_h = _rows_to_heads(v_rows, batch, seq, kv_heads_local, dim)
 
-        out_h, lse_h = blockwise_forward(q_h, k_h, v_h, pos, pos, doc, doc, causal, window, scale)
+        out_h, lse_h = kernel.forward(q_h, k_h, v_h, pos, pos, doc, doc, causal, window, scale)
         (out_rows,) = exchange.all_to_all("forward", _heads_to_rows(out_h, num_ranks))
         out = _rows_to_seq(out_rows, batch, seq, heads_local, dim)
         lse_rows = lse_h.view(batch, heads_local, num_ranks, seq).permute(2, 0, 1, 3).reshape(num_ranks, -1)
@@ -173,21 +173,21 @@ class UlyssesAttentionFunction(torch.autograd.Function):
         # Head shards are the size of the local shards: saving them keeps memory O(local)
         # and spares the backward re-exchanging q, k, v.
         ctx.save_for_backward(q_h, k_h, v_h, out_h, lse_h, pos, doc)
-        ctx.settings = (group, num_ranks, replicas, causal, window, scale, counters, q.dtype, k.dtype)
+        ctx.settings = (group, num_ranks, replicas, causal, window, scale, counters, q.dtype, k.dtype, kernel)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q_h, k_h, v_h, out_h, lse_h, pos, doc = ctx.saved_tensors
-        group, num_ranks, replicas, causal, window, scale, counters, q_dtype, kv_dtype = ctx.settings
+        group, num_ranks, replicas, causal, window, scale, counters, q_dtype, kv_dtype, kernel = ctx.settings
         batch, seq, num_heads, dim = dout.shape
         heads_local, kv_heads_local = q_h.shape[2], k_h.shape[2]
         exchange = _Exchange(group, num_ranks, counters)
 
         (dout_rows,) = exchange.all_to_all("backward", _seq_to_rows(dout.to(q_dtype), num_ranks))
         dout_h = _rows_to_heads(dout_rows, batch, seq, heads_local, dim)
-        dq_h, dk_h, dv_h = blockwise_backward(
+        dq_h, dk_h, dv_h = kernel.backward(
             dout_h, q_h, k_h, v_h, out_h, lse_h, pos, pos, doc, doc, causal, window, scale
         )
         dq_rows, dk_rows, dv_rows = exchange.all_to_all(
@@ -200,11 +200,11 @@ class UlyssesAttentionFunction(torch.autograd.Function):
             dv = dv.view(batch, seq, -1, replicas, dim).sum(dim=3)
         if counters is not None:
             counters.add("backward", pairs=_pair_share(group, num_ranks, pos, doc, causal, window, batch))
-        return dq.to(q_dtype), dk.to(kv_dtype), dv.to(kv_dtype), *([None] * 7)
+        return dq.to(q_dtype), dk.to(kv_dtype), dv.to(kv_dtype), *([None] * 8)
 
 
 def ulysses_attention(
-    q, k, v, q_pos, q_doc, group, causal=True, window=None, scale=None, counters=None,
+    q, k, v, q_pos, q_doc, group, causal=True, window=None, scale=None, counters=None, kernel=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ulysses (all-to-all) context-parallel attention on this rank's local shards.
 
@@ -216,8 +216,9 @@ def ulysses_attention(
     size P, and h_kv divisible by P or dividing P. Returns out (b, s_local, h, d)
     in q's dtype and lse (b, h, s_local) in fp32 (fp64 for fp64 inputs), -inf
     for rows that see no key. Differentiable in q, k, v. ``counters``: an
-    AttentionCounters.
+    AttentionCounters; ``kernel``: the local kernel ("torch", "triton", "auto").
     """
     check_ulysses_inputs(q, k, v, q_pos, q_doc, window, group_size(group))
     q_pos, q_doc = q_pos.to(q.device), q_doc.to(q.device)
-    return UlyssesAttentionFunction.apply(q, k, v, q_pos, q_doc, group, causal, window, scale, counters)
+    return UlyssesAttentionFunction.apply(q, k, v, q_pos, q_doc, group, causal, window, scale, counters,
+                                          as_local_kernel(kernel, q))

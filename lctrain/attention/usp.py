@@ -34,6 +34,7 @@ from lctrain_kernels.mask import as_batched
 
 from .allgather import group_size
 from .counters import AttentionCounters
+from .local_kernels import as_local_kernel
 from .ring import RingAttentionFunction, _Ring
 from .ulysses import (
     _Exchange,
@@ -99,7 +100,7 @@ class _PairShare:
 
 def usp_attention(
     q, k, v, q_pos, q_doc, ulysses_group, ring_group, causal=True, window=None, scale=None,
-    counters: AttentionCounters | None = None,
+    counters: AttentionCounters | None = None, kernel=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ulysses x ring attention on this rank's shards (same contract as ``ring_attention``).
 
@@ -121,7 +122,8 @@ def usp_attention(
     q_h, k_h, v_h = _SeqToHeads.apply(exchange, q, k, v)
 
     ulysses_rank = dist.get_rank(ulysses_group) if num_ulysses > 1 else 0
-    ring = _Ring(ring_group, None if counters is None else _PairShare(counters, num_ulysses, ulysses_rank))
+    ring = _Ring(ring_group, None if counters is None else _PairShare(counters, num_ulysses, ulysses_rank),
+                 as_local_kernel(kernel, q))
     pos, doc = pos.expand(batch, -1).contiguous(), doc.expand(batch, -1).contiguous()
     out_h, lse_h = RingAttentionFunction.apply(q_h, k_h, v_h, pos, doc, ring, causal, window, scale)
 
