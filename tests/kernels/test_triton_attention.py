@@ -1,0 +1,262 @@
+"""The Triton attention kernels against the dense reference: out, lse, dq, dk, dv.
+
+Triton wraps its language helpers for the interpreter only when ``TRITON_INTERPRET=1`` is set
+before triton is first imported, and anything earlier in a pytest session may have imported it.
+So the kernel cases run in one subprocess (this file run as a script, with the variable set),
+which returns one JSON record per case; the tests below read those records. The coordinate
+planning (plain torch) is tested in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+NEG_INF = float("-inf")
+# (atol, rtol) against a float64 reference computed from the same (rounded) inputs.
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (2.5e-2, 2.5e-2)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def packed_docs(seq_len, boundaries):
+    starts = torch.zeros(seq_len, dtype=torch.long)
+    starts[list(boundaries)] = 1
+    return torch.cumsum(starts, 0)
+
+
+def make_case(name):
+    """dict(b, sq, sk, h, hk, d, q_pos, k_pos, q_doc, k_doc, causal, window, dtype, blocks)."""
+    n, ar = 48, torch.arange(48)
+    one, docs = torch.zeros(48, dtype=torch.long), packed_docs(48, [5, 6, 21, 40])
+    c = dict(b=1, sq=n, sk=n, h=2, hk=2, d=16, q_pos=ar, k_pos=ar, q_doc=one, k_doc=one, causal=True,
+             window=None, dtype="fp32", blocks=(None, None))
+    k131, d131 = torch.arange(131), packed_docs(131, [50, 77])
+    extra = {
+        "causal_mha": {},
+        "noncausal_gqa4": dict(h=8, hk=2, causal=False),
+        "causal_mqa_docs": dict(h=4, hk=1, d=32, q_doc=docs, k_doc=docs),
+        "noncausal_docs": dict(h=4, hk=2, q_doc=docs, k_doc=docs, causal=False),
+        "window_causal": dict(h=4, hk=2, q_doc=docs, k_doc=docs, window=7),
+        "window_noncausal": dict(h=2, hk=1, causal=False, window=5),
+        # a later query chunk over all keys so far (offset coordinates, odd lengths, documents)
+        "odd_offset_docs": dict(sq=67, sk=131, h=4, hk=1, q_pos=k131[64:], k_pos=k131, q_doc=d131[64:],
+                                k_doc=d131),
+        "odd_offset_noncausal": dict(sq=67, sk=131, hk=1, q_pos=k131[64:], k_pos=k131,
+                                     q_doc=torch.zeros(67, dtype=torch.long),
+                                     k_doc=torch.zeros(131, dtype=torch.long), h=2, causal=False),
+        # striped layout: rank 1 of 4 holds queries 1, 5, 9, ...; its keys come from rank 3
+        "striped": dict(sq=50, sk=50, h=4, hk=2, q_pos=torch.arange(1, 200, 4), k_pos=torch.arange(3, 200, 4),
+                        q_doc=packed_docs(50, [13, 30]), k_doc=packed_docs(50, [13, 31])),
+        "striped_window": dict(sq=50, sk=50, q_pos=torch.arange(2, 200, 4), k_pos=torch.arange(0, 200, 4),
+                               q_doc=torch.zeros(50, dtype=torch.long), k_doc=torch.zeros(50, dtype=torch.long),
+                               window=30),
+        "padding_batched": dict(b=2, q_pos=torch.stack([ar, ar + 100]), k_pos=torch.stack([ar, ar + 100]),
+                                q_doc=torch.stack([one, torch.where(ar < 30, docs, -1)]),
+                                k_doc=torch.stack([one, torch.where(ar < 30, docs, -1)])),
+        "left_padding": dict(q_doc=torch.where(ar < 19, -1, docs), k_doc=torch.where(ar < 19, -1, docs)),
+        "fully_masked_rows": dict(h=2, hk=1, k_pos=ar + 24),
+        "unsorted_coords": dict(q_pos=ar.flip(0), k_pos=ar[torch.randperm(48, generator=torch.Generator().manual_seed(1))],
+                                q_doc=docs.flip(0) % 3, k_doc=docs % 3),
+        "blocks_32_16": dict(sq=67, sk=131, q_pos=k131[64:], k_pos=k131, q_doc=d131[64:], k_doc=d131, blocks=(32, 16)),
+        "fp16_gqa_docs": dict(h=4, hk=1, d=32, q_doc=docs, k_doc=docs, dtype="fp16"),
+        "bf16_noncausal": dict(h=2, hk=1, d=32, causal=False, dtype="bf16"),
+    }
+    for d in (32, 64, 96, 128, 256):  # every head dim once, on a short sequence
+        extra[f"head_dim_{d}"] = dict(sq=20, sk=20, h=2, hk=1, d=d, q_pos=ar[:20], k_pos=ar[:20],
+                                      q_doc=docs[:20], k_doc=docs[:20])
+    c.update(extra[name])
+    return c
+
+
+CASES = ["causal_mha", "noncausal_gqa4", "causal_mqa_docs", "noncausal_docs", "window_causal",
+         "window_noncausal", "odd_offset_docs", "odd_offset_noncausal", "striped", "striped_window",
+         "padding_batched", "left_padding", "fully_masked_rows", "unsorted_coords", "blocks_32_16",
+         "fp16_gqa_docs", "bf16_noncausal", "head_dim_32", "head_dim_64", "head_dim_96", "head_dim_128",
+         "head_dim_256"]
+AUTOGRAD_CASES = {"causal_mqa_docs", "padding_batched", "bf16_noncausal"}
+
+
+def _errors(got, want, dtype):
+    """Largest |got - want| / (atol + rtol |want|): <= 1 passes. Also flags NaN."""
+    atol, rtol = TOLERANCES[dtype]
+    got, want = got.detach().double(), want.detach().double()
+    if torch.isnan(got).any():
+        return float("inf")
+    same_inf = (got == want) & torch.isinf(want)
+    err = torch.where(same_inf, 0.0, (got - want).abs() / (atol + rtol * want.abs()))
+    return float(err.nan_to_num(float("inf")).max()) if err.numel() else 0.0
+
+
+def run_case(name):
+    """Worker side: forward, backward and autograd of one case against the float64 reference."""
+    from lctrain_kernels.reference import dense_attention
+    from lctrain_kernels.triton_attention import triton_attention, triton_backward, triton_forward
+
+    c = make_case(name)
+    dtype = DTYPES[c["dtype"]]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    q = torch.randn(c["b"], c["sq"], c["h"], c["d"], generator=gen).to(dtype)
+    k, v = (torch.randn(c["b"], c["sk"], c["hk"], c["d"], generator=gen).to(dtype) for _ in range(2))
+    dout = torch.randn(c["b"], c["sq"], c["h"], c["d"], generator=gen).to(dtype)
+    coords = (c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"], c["causal"], c["window"])
+    block_q, block_k = c["blocks"]
+
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = dense_attention(q64, k64, v64, *coords)
+    ref = (ref_out, ref_lse, *torch.autograd.grad(ref_out, (q64, k64, v64), dout.double()))
+
+    out, lse = triton_forward(q, k, v, *coords, block_q=block_q, block_k=block_k)
+    grads = triton_backward(dout, q, k, v, out, lse, *coords, block_q=block_q, block_k=block_k)
+    names = ["out", "lse", "dq", "dk", "dv"]
+    record = {n: _errors(g, r, dtype) for n, g, r in zip(names, (out, lse, *grads), ref)}
+    record["dtypes"] = [str(x.dtype) for x in (out, lse, *grads)]
+    if name in AUTOGRAD_CASES:  # the autograd Function: same numbers, gradients cast back to q's dtype
+        qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
+        out_a, _ = triton_attention(qa, ka, va, *coords, block_q=block_q, block_k=block_k)
+        out_a.backward(dout)
+        record.update({f"autograd_{n}": _errors(g, r, dtype)
+                       for n, g, r in zip(names[2:], (qa.grad, ka.grad, va.grad), ref[2:])})
+        record["dtypes"] += [str(x.dtype) for x in (qa.grad, ka.grad, va.grad)]
+    dead = torch.isinf(ref_lse)  # rows that see no key: out exactly 0, lse -inf, dq 0
+    record["dead_rows"] = int(dead.sum())
+    record["dead_ok"] = bool((lse[dead] == NEG_INF).all() and (out.transpose(1, 2)[dead] == 0).all()
+                             and (grads[0].transpose(1, 2)[dead] == 0).all())
+    return record
+
+
+def run_external_lse():
+    """Keys split in two blocks: merged lse, backward per block with it, gradients summed."""
+    from lctrain.attention.merge import merge_partials
+    from lctrain_kernels.reference import dense_attention
+    from lctrain_kernels.triton_attention import triton_backward, triton_forward
+
+    c = make_case("odd_offset_docs")
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, c["sq"], 4, 16, generator=gen)
+    k, v = (torch.randn(1, c["sk"], 1, 16, generator=gen) for _ in range(2))
+    dout = torch.randn_like(q)
+    split = 70
+    blocks = [(slice(0, split), c["k_pos"][:split], c["k_doc"][:split]),
+              (slice(split, None), c["k_pos"][split:], c["k_doc"][split:])]
+    partials = [triton_forward(q, k[:, s], v[:, s], c["q_pos"], kp, c["q_doc"], kd) for s, kp, kd in blocks]
+    out, lse = merge_partials(*partials[0], *partials[1])
+    dq = torch.zeros_like(q)
+    dks, dvs = [], []
+    for s, kp, kd in blocks:
+        dq_b, dk_b, dv_b = triton_backward(dout, q, k[:, s], v[:, s], out, lse, c["q_pos"], kp, c["q_doc"], kd)
+        dq, dks, dvs = dq + dq_b, dks + [dk_b], dvs + [dv_b]
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = dense_attention(q64, k64, v64, c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"])
+    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
+    got = (out, lse, dq, torch.cat(dks, 1), torch.cat(dvs, 1))
+    return {n: _errors(g, r, torch.float32)
+            for n, g, r in zip(["out", "lse", "dq", "dk", "dv"], got, (ref_out, ref_lse, *ref_grads))}
+
+
+def run_rejections():
+    from lctrain_kernels.triton_attention import triton_forward
+
+    x, pos = torch.zeros(1, 4, 1, 16, dtype=torch.float64), torch.arange(4)
+    try:
+        triton_forward(x, x, x, pos, pos, pos * 0, pos * 0)
+    except ValueError as err:
+        return {"fp64": str(err)}
+    return {"fp64": None}
+
+
+def worker_main():
+    torch.set_num_threads(1)
+    results, start = {}, time.time()
+    for name in CASES:
+        case_start = time.time()
+        try:
+            results[name] = run_case(name)
+            results[name]["seconds"] = time.time() - case_start
+        except Exception as err:  # reported per case, so one failure does not hide the rest
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+    results["external_lse"] = run_external_lse()
+    results["rejections"] = run_rejections()
+    results["seconds"] = time.time() - start
+    print("RESULTS_JSON " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def results():
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS_JSON ")]
+    assert proc.returncode == 0 and lines, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULTS_JSON "):])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_case_matches_reference(results, name):
+    record = results[name]
+    assert "error" not in record, record.get("error")
+    errors = {key: value for key, value in record.items()
+              if key not in ("dtypes", "dead_rows", "dead_ok", "seconds")}
+    assert max(errors.values()) <= 1.0, f"error / tolerance per tensor: {errors}"
+    assert record["dead_ok"], "rows that see no key need out 0, lse -inf and dq 0"
+    # out in q's dtype; lse, dq, dk, dv in float32 (like blockwise_backward); autograd casts back.
+    dtype = str(DTYPES[make_case(name)["dtype"]])
+    expected = [dtype] + ["torch.float32"] * 4 + ([dtype] * 3 if name in AUTOGRAD_CASES else [])
+    assert record["dtypes"] == expected
+
+
+def test_cases_with_dead_rows_exist(results):
+    for name in ("padding_batched", "left_padding", "fully_masked_rows"):
+        assert results[name]["dead_rows"] > 0
+
+
+def test_backward_with_external_lse(results):
+    errors = results["external_lse"]
+    assert max(errors.values()) <= 1.0, errors
+
+
+def test_fp64_rejected_with_fix(results):
+    assert results["rejections"]["fp64"] and "kernel='torch'" in results["rejections"]["fp64"]
+
+
+# ------------------------------------------------------------------ planning (in-process, torch only)
+
+
+@pytest.mark.parametrize("name", ["causal_mqa_docs", "window_noncausal", "odd_offset_docs", "striped",
+                                  "padding_batched", "left_padding", "unsorted_coords", "striped_window"])
+def test_spans_cover_visible_pairs_and_skip_masked_tiles(name):
+    """Every visible pair lies inside its tiles' spans, at every pyramid level; with sorted
+    packed documents and contiguous positions the spans are exact (no wasted key tiles)."""
+    from lctrain_kernels.mask import visible_mask
+    from lctrain_kernels.triton_attention import LEVEL_BLOCKS, plan
+
+    c = make_case(name)
+    coords = (c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"])
+    qp, qd, kp, kd, q_info, k_info = plan(*coords, c["causal"], c["window"], c["b"], torch.device("cpu"))
+    visible = visible_mask(qp, kp, qd, kd, c["causal"], c["window"])  # (rows, sq, sk)
+    exact = name in ("causal_mqa_docs", "odd_offset_docs")
+    for level, block in enumerate(LEVEL_BLOCKS[:3]):
+        for info, vis in ((q_info, visible), (k_info, visible.transpose(1, 2))):
+            for row in range(vis.shape[0]):
+                for tile in range(-(-vis.shape[1] // block)):
+                    lo, hi = info[row, level, tile, 5:7].tolist()
+                    seen = vis[row, tile * block:(tile + 1) * block].any(0).nonzero().flatten().tolist()
+                    if seen:
+                        assert lo <= seen[0] and seen[-1] < hi, (name, level, tile, lo, hi)
+                    if exact:
+                        assert (lo, hi) == ((seen[0], seen[-1] + 1) if seen else (vis.shape[2], 0))
+
+
+if __name__ == "__main__":
+    worker_main()
