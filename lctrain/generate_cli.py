@@ -1,0 +1,183 @@
+"""`lctrain-generate`: greedy decoding from a training checkpoint, KV cache sharded over ranks.
+
+    torchrun --standalone --nproc-per-node=2 -m lctrain.generate_cli \\
+        outputs/<run>/checkpoints --prompt "The pass key is" --max-new-tokens 32
+    torchrun --standalone --nproc-per-node=2 -m lctrain.generate_cli \\
+        outputs/<run> --passkey 8 --seq-len 8192 --decode tree
+
+CHECKPOINT is a `step_XXXXXXXX` directory, a checkpoints directory (its newest
+complete step is used) or a run directory (`<run>/checkpoints`). The model
+shape and data settings come from the run's `.hydra/config.yaml` (found next
+to the checkpoints directory, or given with --config); the weights are read
+with torch.distributed.checkpoint (tensors only, nothing is unpickled).
+Every process of the launch is one context-parallel rank (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from lctrain.attention.api import STRATEGIES
+from lctrain.attention.layouts import LAYOUT_NAMES
+
+from .generate_combine import COMBINES
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lctrain-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="step_XXXXXXXX directory, checkpoints directory or run directory")
+    p.add_argument("--config", help="the run's config.yaml (default: <run>/.hydra/config.yaml)")
+    p.add_argument("--prompt", help="text to continue (byte tokenizer / the run's tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--passkey", type=int, default=0, metavar="N", help="decode the answers of N passkey samples")
+    p.add_argument("--seq-len", type=int, default=0, help="passkey sequence length (default: the run's data.seq_len)")
+    p.add_argument("--decode", choices=list(COMBINES), default="tree")
+    p.add_argument("--ring-finish", choices=["broadcast", "ring"], default="broadcast")
+    p.add_argument("--prefill", choices=[s for s in STRATEGIES if s not in ("none", "usp")], default="tree",
+                   help="context-parallel strategy of the prefill")
+    p.add_argument("--layout", choices=list(LAYOUT_NAMES), default="striped")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
+    p.add_argument("--json", help="write the results as JSON to this file (rank 0)")
+    args = p.parse_args(argv)
+    if not args.prompt and not args.passkey:
+        p.error("give --prompt TEXT and/or --passkey N")
+    return args
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The step directory that CHECKPOINT names (newest complete one for a directory of steps)."""
+    from lctrain.checkpoint import META, latest_checkpoint
+
+    if (path / META).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise ValueError(f"no complete lctrain checkpoint (step_XXXXXXXX/meta.json) at or under {path}")
+
+
+def find_config(step_dir: Path, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    for parent in list(step_dir.parents)[:3]:
+        candidate = parent / ".hydra" / "config.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"no .hydra/config.yaml above {step_dir}; pass --config <run dir>/.hydra/config.yaml")
+
+
+def load_model(step_dir: Path, cfg, dtype: torch.dtype):
+    """The Llama of the run's config with the checkpoint's weights (DCP, tensors only)."""
+    import torch.distributed.checkpoint as dcp
+
+    from lctrain.attention import build_attention
+    from lctrain.config import ModelConfig
+    from lctrain.models.llama import Llama, LlamaShape
+
+    known = {f.name for f in fields(ModelConfig)}
+    m = ModelConfig(**{k: v for k, v in cfg.model.items() if k in known})
+    shape = LlamaShape(vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
+                       num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
+                       norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std)
+    model = Llama(shape, build_attention("none"))
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # no_dist=True is the point: every rank reads the full weights
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    model.load_state_dict(state["model"])
+    return model.to(dtype).eval()
+
+
+def run(args) -> dict:
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from lctrain.data import PasskeyDataset, build_tokenizer
+
+    from .generate import generate
+    from .generate_eval import passkey_decode_eval
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    group = dist.group.WORLD if world > 1 else None
+    step_dir = find_checkpoint(Path(args.checkpoint))
+    cfg = OmegaConf.load(find_config(step_dir, args.config))
+    data = cfg.data
+    tokenizer = build_tokenizer(data.get("tokenizer", "byte"), data.get("tokenizer_path"))
+    model = load_model(step_dir, cfg, _DTYPES[args.dtype])
+    settings = {"cp_group": group, "layout": args.layout, "prefill_strategy": args.prefill,
+                "decode": args.decode, "ring_finish": args.ring_finish}
+    result = {"checkpoint": str(step_dir), "cp_size": world, "dtype": args.dtype,
+              **{k: v for k, v in settings.items() if k != "cp_group"}}
+    if args.prompt:
+        ids = torch.tensor([tokenizer.bos_id, *tokenizer.encode(args.prompt)])
+        start = time.perf_counter()
+        sessions: list = []
+        new = generate(model, ids, args.max_new_tokens, eos_id=tokenizer.eos_id, session_out=sessions, **settings)
+        result["prompt"] = {"prompt_tokens": len(ids), "new_ids": new.tolist(),
+                            "text": tokenizer.decode(new.tolist()), "wall_s": time.perf_counter() - start,
+                            "per_token": sessions[0].counters.per_token()}
+    if args.passkey:
+        seq_len = args.seq_len or int(data.seq_len)
+        dataset = PasskeyDataset(seq_len=seq_len, seed=int(data.seed), tokenizer=tokenizer,
+                                 docs_per_seq=int(data.get("docs_per_seq", 1)),
+                                 num_needles=int(data.get("num_needles", 1)),
+                                 key_digits=int(data.get("key_digits", 5)),
+                                 filler=str(data.get("filler", "sentences")))
+        result["passkey"] = {"seq_len": seq_len, **passkey_decode_eval(model, dataset, args.passkey, **settings)}
+    if rank == 0:
+        _report(result, args)
+    return result
+
+
+def _report(result: dict, args) -> None:
+    head = (f"lctrain-generate: {result['checkpoint']} | cp ranks {result['cp_size']} | prefill "
+            f"{result['prefill_strategy']} ({result['layout']}) | decode {result['decode']}")
+    print(head, flush=True)
+    if "prompt" in result:
+        r = result["prompt"]
+        print(f"prompt ({r['prompt_tokens']} tokens) -> {len(r['new_ids'])} new tokens in {r['wall_s']:.2f}s: "
+              f"{r['text']!r}")
+        print(f"per decoded token: {r['per_token']['collectives']:.1f} collectives, "
+              f"{r['per_token']['hops']:.1f} sequential hops, {r['per_token']['bytes_sent']:.0f} bytes sent (rank 0)")
+    if "passkey" in result:
+        r = result["passkey"]
+        print(f"passkey decode at {r['seq_len']} tokens, {r['num_samples']} samples: exact keys "
+              f"{100 * r['passkey_decode/exact']:.1f}% ({r['num_exact']}/{r['num_samples']}), per-digit "
+              f"{100 * r['passkey_decode/digit_acc']:.1f}% (chance 10.0%) | {r['collectives_per_token']:.1f} "
+              f"collectives + {r['hops_per_token']:.1f} hops per token | {r['wall_s']:.1f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from lctrain.distributed import init_distributed, shutdown_distributed
+
+    try:
+        env = init_distributed("cpu")
+        threads = args.threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
+        torch.set_num_threads(threads)
+        run(args)
+    except ValueError as err:  # a user mistake: one line naming the fix
+        print(f"lctrain-generate: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
