@@ -56,13 +56,25 @@ class DataConfig:
 
 @dataclass
 class CPConfig:
-    strategy: str = "none"  # none | ring | allgather | ulysses | usp | tree
+    strategy: str = "none"  # none | ring | allgather | ulysses | usp | tree | disagg
     size: int = 1  # ranks sharing one sequence; world = dp x cp
     layout: str = "contiguous"  # contiguous | zigzag | striped: which tokens each cp rank holds
     check_shapes: bool = True  # one small all-gather per call: mismatched shards fail, never hang
     ulysses_size: int = 1  # usp: Ulysses degree inside groups of consecutive ranks; ring across them
     query_chunk: int = 0  # tree: gathered query tokens per rank per chunk (bounds memory); 0 = all at once
     padding: str = "pad"  # pad: extend to the layout's multiple with masked tokens | none: must divide
+
+
+@dataclass
+class DisaggConfig:
+    """cp=disagg: core attention on attention servers (cp.size stays 1; workers are data parallel)."""
+
+    mode: str = "colocated"  # colocated: every rank also serves | dedicated: the last num_servers ranks only serve
+    num_servers: int = 1  # dedicated only
+    chunk_tokens: int = 0  # query tokens per task before scheduling; 0: whole documents, split only for balance
+    ping_pong: bool = True  # two half-batches per micro-batch so transfers overlap the other half's compute
+    timeout_s: float = 300.0  # a server dead or stalled this long fails the workers with its rank named
+    max_docs: int = 256  # documents per worker per micro-batch (width of the gathered metadata)
 
 
 @dataclass
@@ -119,13 +131,14 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cp: CPConfig = field(default_factory=CPConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-CP_STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp", "tree")
+CP_STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp", "tree", "disagg")
 LAYOUTS = ("contiguous", "zigzag", "striped")
 KERNELS = ("torch", "auto", "triton")
 DTYPES = ("auto", "float32", "float64", "bfloat16")
@@ -151,10 +164,12 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ValueError(f"cp.size must be >= 1, got {cfg.cp.size}")
     if cfg.cp.strategy == "none" and cfg.cp.size != 1:
         raise ValueError(f"cp=none needs cp.size=1 (got {cfg.cp.size}); pick a cp strategy or set cp.size=1")
-    if cfg.cp.strategy != "none" and cfg.cp.size < 2:
+    if cfg.cp.strategy not in ("none", "disagg") and cfg.cp.size < 2:
         raise ValueError(f"cp.strategy={cfg.cp.strategy} needs cp.size >= 2 (one rank is cp=none)")
     dp = cfg.trainer.dp if cfg.trainer.dp > 0 else world_size // cfg.cp.size
-    if dp * cfg.cp.size != world_size:
+    if cfg.cp.strategy == "disagg":
+        dp = _check_disagg(cfg, world_size)
+    if cfg.cp.strategy != "disagg" and dp * cfg.cp.size != world_size:
         raise ValueError(
             f"world size {world_size} != dp ({dp}) x cp ({cfg.cp.size}); launch "
             f"{dp * cfg.cp.size} processes (torchrun --nproc-per-node) or set trainer.dp=-1 "
@@ -196,7 +211,7 @@ def _check_cp_heads_and_length(cfg: TrainConfig) -> None:
             f"it and model.num_kv_heads ({m.num_kv_heads}) divide it or by it; Ulysses degrees that work: "
             f"{usable_degrees(m.num_heads, m.num_kv_heads)} (or use cp=striped)"
         )
-    if cp.strategy == "none":
+    if cp.strategy in ("none", "disagg"):
         return
     multiple = 2 * cp.size if cp.layout == "zigzag" else cp.size
     if cfg.data.seq_len < cp.size:
@@ -210,6 +225,31 @@ def _check_cp_heads_and_length(cfg: TrainConfig) -> None:
             f"and data.seq_len={cfg.data.seq_len} is not one; set data.seq_len="
             f"{-(-cfg.data.seq_len // multiple) * multiple} or cp.padding=pad (masked padding tokens)"
         )
+
+
+def _check_disagg(cfg: TrainConfig, world_size: int) -> int:
+    """cp=disagg settings; returns the number of (data-parallel) worker ranks."""
+    d = cfg.disagg
+    if cfg.cp.size != 1:
+        raise ValueError(f"cp=disagg keeps cp.size=1 (each worker holds whole sequences), got {cfg.cp.size}; "
+                         f"set cp.size=1")
+    _one_of(d.mode, ("colocated", "dedicated"), "disagg.mode")
+    if d.mode == "dedicated" and not 1 <= d.num_servers < world_size:
+        raise ValueError(f"disagg.mode=dedicated needs 1 <= disagg.num_servers < world size ({world_size}), got "
+                         f"{d.num_servers}; launch more processes or lower disagg.num_servers")
+    if d.timeout_s <= 0 or d.max_docs < 1 or d.chunk_tokens < 0:
+        raise ValueError(f"disagg: need timeout_s > 0, max_docs >= 1 and chunk_tokens >= 0 (0 = whole documents), "
+                         f"got {d.timeout_s}, {d.max_docs}, {d.chunk_tokens}")
+    workers = world_size - d.num_servers if d.mode == "dedicated" else world_size
+    if cfg.trainer.dp > 0 and cfg.trainer.dp != workers:
+        raise ValueError(f"cp=disagg trains data parallel over its {workers} worker ranks; set trainer.dp=-1 "
+                         f"(got trainer.dp={cfg.trainer.dp})")
+    tc = cfg.trainer
+    if d.mode == "dedicated" and (tc.checkpoint_every or tc.save_final or tc.resume != "none"):
+        raise ValueError("disagg.mode=dedicated cannot checkpoint yet (server ranks hold no model state); "
+                         "set trainer.checkpoint_every=0 trainer.save_final=false trainer.resume=none, "
+                         "or use disagg.mode=colocated")
+    return workers
 
 
 def run_id() -> str:

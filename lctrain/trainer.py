@@ -26,7 +26,7 @@ from lctrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from lctrain.config import validate
 from lctrain.data import ShardedLoader, build_dataset, build_tokenizer, eval_batches
 from lctrain.distributed import DistEnv, all_ranks_flag, broadcast_string, reduce_gradients
-from lctrain.distributed.groups import build_parallel_groups
+from lctrain.distributed.groups import ParallelGroups, build_parallel_groups
 from lctrain.models.llama import Llama, LlamaShape, chunked_cross_entropy
 from lctrain.tracking import Tracker
 
@@ -46,7 +46,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return fn
 
 
-def build_model(cfg, vocab_size_needed: int, layout=None, groups=None) -> Llama:
+def build_model(cfg, vocab_size_needed: int, layout=None, groups=None, attention=None) -> Llama:
     m = cfg.model
     if m.vocab_size < vocab_size_needed:
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
@@ -55,7 +55,7 @@ def build_model(cfg, vocab_size_needed: int, layout=None, groups=None) -> Llama:
                        num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
                        norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std)
     cp_group, subgroups = (groups.cp_group, groups.usp_groups) if groups is not None else (None, None)
-    attention = build_attention(strategy=cfg.cp.strategy, layout=layout, group=cp_group, kernel=cfg.kernel.name,
+    attention = attention or build_attention(strategy=cfg.cp.strategy, layout=layout, group=cp_group, kernel=cfg.kernel.name,
                                 check_shapes=cfg.cp.check_shapes, subgroups=subgroups,
                                 query_chunk=cfg.cp.query_chunk or None)
     return Llama(shape, attention, activation_checkpointing=m.activation_checkpointing)
@@ -66,11 +66,16 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.dp_size = validate(cfg, env.world_size)
-        self.groups = build_parallel_groups(env.rank, env.world_size, self.dp_size, cfg.cp.size,
-                                            cfg.cp.ulysses_size if cfg.cp.strategy == "usp" else None)
+        self.disagg, self.worker_group = self._build_disagg()
+        self.is_attention_server = self.disagg is not None and not self.disagg.runtime.is_worker
+        if self.disagg is not None:  # workers are data parallel with whole sequences: no cp group
+            self.groups = ParallelGroups(self.dp_size, 1, 0 if self.is_attention_server else env.rank, 0, None)
+        else:
+            self.groups = build_parallel_groups(env.rank, env.world_size, self.dp_size, cfg.cp.size,
+                                                cfg.cp.ulysses_size if cfg.cp.strategy == "usp" else None)
         self.dp_rank = self.groups.dp_rank
         # Ranks of one cp group share each sequence; the layout deals its tokens.
-        self.layout = get_layout(cfg.cp.layout, cfg.cp.size) if cfg.cp.strategy != "none" else None
+        self.layout = get_layout(cfg.cp.layout, cfg.cp.size) if cfg.cp.strategy not in ("none", "disagg") else None
         tc = cfg.trainer
         threads = tc.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
         torch.set_num_threads(threads)
@@ -82,7 +87,7 @@ class Trainer:
         tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.pad_id = tokenizer.pad_id
-        self.model = build_model(cfg, tokenizer.vocab_size, self.layout, self.groups)
+        self.model = build_model(cfg, tokenizer.vocab_size, self.layout, self.groups, self.disagg)
         self.model = self.model.to(self.param_dtype).to(env.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -100,6 +105,22 @@ class Trainer:
         self._maybe_resume()
 
     # ----------------------------------------------------------------- set-up
+    def _build_disagg(self):
+        """cp=disagg: the attention servers, and (dedicated) the group of worker ranks that
+        gradient, loss and eval collectives use, since server ranks never join those."""
+        if self.cfg.cp.strategy != "disagg":
+            return None, None
+        from lctrain.disagg.attention import build_disagg_attention
+
+        d = self.cfg.disagg
+        worker_group = None
+        if d.mode == "dedicated" and self.env.backend is not None:
+            worker_group = torch.distributed.new_group(list(range(self.env.world_size - d.num_servers)))
+        attention = build_disagg_attention(d.mode, d.num_servers if d.mode == "dedicated" else None,
+                                           chunk_tokens=d.chunk_tokens or None, timeout_s=d.timeout_s,
+                                           max_docs=d.max_docs)
+        return attention, worker_group
+
     def _dtypes(self, name: str):
         on_cuda = self.env.device.type == "cuda"
         if name == "auto":
@@ -143,7 +164,7 @@ class Trainer:
     def loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of per-token cross-entropies of one micro batch (weighted answers)."""
         with self._autocast():
-            hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["token_pos"])
+            hidden = self._hidden(batch)
             total = chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
                                           self.cfg.model.loss_chunk_tokens)
             extra = self.cfg.data.answer_loss_weight - 1.0
@@ -153,10 +174,18 @@ class Trainer:
                     logits, batch["labels"][batch["answer_mask"]], reduction="sum")
         return total
 
+    def _hidden(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        args = (batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["token_pos"])
+        if self.disagg is not None and self.cfg.disagg.ping_pong:
+            from lctrain.disagg.pingpong import pingpong_forward
+
+            return pingpong_forward(self.model, self.disagg, *args)
+        return self.model(*args)
+
     def _global_token_count(self, batches) -> torch.Tensor:
         count = sum((bt["labels"] != -100).sum() for bt in batches).to(torch.float64)
         if self.env.backend is not None:
-            torch.distributed.all_reduce(count)
+            torch.distributed.all_reduce(count, group=self.worker_group)
         return count.clamp_min(1)
 
     # ------------------------------------------------------------------- step
@@ -174,20 +203,20 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.trainer.nan_check:
             self._check_finite(loss_total, params)
-        reduce_gradients(params)
+        reduce_gradients(params, group=self.worker_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         if self.env.backend is not None:
-            torch.distributed.all_reduce(loss_total)
+            torch.distributed.all_reduce(loss_total, group=self.worker_group)
         self._last_grad_norm = float(grad_norm)
         return float(loss_total)
 
     def _check_finite(self, loss: torch.Tensor, params) -> None:
         local = torch.stack([loss.float()] + [p.grad.float().norm() for p in params])
-        bad = all_ranks_flag(not bool(torch.isfinite(local).all()), self.env.device)
+        bad = all_ranks_flag(not bool(torch.isfinite(local).all()), self.env.device, self.worker_group)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
@@ -211,8 +240,7 @@ class Trainer:
             batch = self._to_device(batch)
             b = batch["input_ids"].shape[0]
             with self._autocast():
-                hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
-                                    batch["token_pos"])
+                hidden = self._hidden(batch)
                 stats[0] += chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
                                                   self.cfg.model.loss_chunk_tokens).double()
             stats[1] += (batch["labels"] != -100).sum()
@@ -232,7 +260,7 @@ class Trainer:
             stats[2] += per_row[:, 1].sum() / self.groups.cp_size
             stats[4] += (has_answer & (per_row[:, 0] == per_row[:, 1])).sum().double() / self.groups.cp_size
         if self.env.backend is not None:
-            torch.distributed.all_reduce(stats)
+            torch.distributed.all_reduce(stats, group=self.worker_group)
         out = {"eval/loss": float(stats[0] / stats[1].clamp_min(1))}
         if stats[3] > 0:
             out["eval/answer_digit_acc"] = float(stats[2] / stats[3])
@@ -241,6 +269,28 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> Dict[str, Any]:
+        if self.is_attention_server:
+            return self.serve_attention()
+        summary = self._fit()
+        self.stop_attention_servers()
+        return summary
+
+    def serve_attention(self) -> Dict[str, Any]:
+        """Dedicated server ranks: answer the workers' attention calls until they finish."""
+        from lctrain.disagg.attention import serve
+
+        start = time.perf_counter()
+        calls = serve(self.disagg)
+        self._print(f"attention server rank {self.env.rank}: served {calls} calls")
+        return {"final/train_loss": float("nan"), "final/served_calls": calls,
+                "final/wall_s": time.perf_counter() - start}
+
+    def stop_attention_servers(self) -> None:
+        """Workers, after their last attention call: release the dedicated servers' loop."""
+        if self.disagg is not None:
+            self.disagg.stop()
+
+    def _fit(self) -> Dict[str, Any]:
         tc = self.cfg.trainer
         tokens_per_step = self.dp_size * tc.micro_batch_size * tc.grad_accum * self.cfg.data.seq_len
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (self.env.is_main and tc.progress),

@@ -84,14 +84,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(shape.num_heads * self.head_dim, shape.dim, bias=False)
         self.core = core
 
-    def forward(self, x, cos, sin, doc_ids, token_pos):
+    def project_qkv(self, x, cos, sin):
+        """q (b, s, h, d), k / v (b, s, h_kv, d) with RoPE applied; split out for ping-pong drivers."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.num_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, doc_ids, token_pos):
+        q, k, v = self.project_qkv(x, cos, sin)
         out = self.core(q, k, v, causal=True, doc_ids=doc_ids, positions=token_pos)
-        return self.wo(out.reshape(b, s, -1))
+        return self.wo(out.reshape(*x.shape[:2], -1))
 
 
 class SwiGLU(nn.Module):
