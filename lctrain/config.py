@@ -117,6 +117,10 @@ class TrainerConfig:
     num_threads: int = 0  # torch intra-op threads per rank; 0: cores // local ranks
     eval_every: int = 0  # 0: only at the end
     eval_samples: int = 16
+    # Passkey answers greedily decoded with the KV cache sharded over the cp group:
+    # none | tree | ring (the combine across cp ranks); decode_eval_samples per eval.
+    decode_eval: str = "none"
+    decode_eval_samples: int = 4
     checkpoint_every: int = 0  # 0: no periodic checkpoints
     checkpoint_dir: Optional[str] = None  # default: <run dir>/checkpoints
     keep_checkpoints: int = 2
@@ -154,6 +158,13 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     _one_of(cfg.cp.strategy, CP_STRATEGIES, "cp.strategy")
     _one_of(cfg.cp.layout, LAYOUTS, "cp.layout")
     _one_of(cfg.cp.padding, ("pad", "none"), "cp.padding")
+    _one_of(cfg.trainer.decode_eval, ("none", "tree", "ring"), "trainer.decode_eval")
+    if cfg.trainer.decode_eval != "none" and (cfg.data.name != "passkey" or cfg.cp.strategy in ("usp", "disagg")):
+        raise ValueError(
+            f"trainer.decode_eval={cfg.trainer.decode_eval} decodes passkey answers with cp=none/ring/striped/"
+            f"zigzag/allgather/ulysses/tree prefill; with data={cfg.data.name}, cp={cfg.cp.strategy} set "
+            f"trainer.decode_eval=none"
+        )
     _one_of(cfg.kernel.name, KERNELS, "kernel.name")
     _one_of(cfg.trainer.dtype, DTYPES, "trainer.dtype")
     _one_of(cfg.trainer.device, ("auto", "cpu", "cuda"), "trainer.device")

@@ -265,7 +265,27 @@ class Trainer:
         if stats[3] > 0:
             out["eval/answer_digit_acc"] = float(stats[2] / stats[3])
             out["eval/answer_exact"] = float(stats[4] / num)
+        if tc.decode_eval != "none":
+            out.update(self._decode_eval(tc.decode_eval, tc.decode_eval_samples))
         return out
+
+    def _decode_eval(self, decode: str, num_samples: int) -> Dict[str, float]:
+        """Passkey answers decoded greedily with the KV cache sharded over the cp group."""
+        from lctrain.generate_eval import passkey_decode_eval
+
+        strategy = self.cfg.cp.strategy
+        with torch.no_grad(), self._autocast():
+            result = passkey_decode_eval(
+                self.model, self.dataset, num_samples, cp_group=self.groups.cp_group,
+                layout=self.layout if self.layout is not None else "striped", decode=decode,
+                prefill_strategy=strategy, dp_rank=self.dp_rank, dp_size=self.dp_size)
+        # Every cp rank of a group reports its group's counts: sum over workers, divide by cp.
+        counts = torch.tensor([result[k] for k in ("num_samples", "num_exact", "num_digits", "num_right")],
+                              dtype=torch.float64, device=self.env.device)
+        if self.env.backend is not None:
+            torch.distributed.all_reduce(counts, group=self.worker_group)
+        samples, exact, digits, right = (counts / self.groups.cp_size).tolist()
+        return {"eval/decode_exact": exact / max(samples, 1), "eval/decode_digit_acc": right / max(digits, 1)}
 
     # ------------------------------------------------------------------- loop
     def fit(self) -> Dict[str, Any]:
