@@ -181,9 +181,10 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     if cfg.cp.strategy == "disagg":
         dp = _check_disagg(cfg, world_size)
     if cfg.cp.strategy != "disagg" and dp * cfg.cp.size != world_size:
+        launch = max(dp, 1) * cfg.cp.size
         raise ValueError(
             f"world size {world_size} != dp ({dp}) x cp ({cfg.cp.size}); launch "
-            f"{dp * cfg.cp.size} processes (torchrun --nproc-per-node) or set trainer.dp=-1 "
+            f"{launch} processes (torchrun --nproc-per-node={launch}) or set trainer.dp=-1 "
             f"and a cp.size that divides {world_size}"
         )
     m = cfg.model
