@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
     p.add_argument("--alpha-nvl-us", type=float, default=2.0, help="assumed NVLink per-hop latency")
     p.add_argument("--alpha-ib-us", type=float, default=5.0, help="assumed InfiniBand per-hop latency")
     p.add_argument("--kernel-us", type=float, default=3.0, help="assumed GPU kernel launch per small step")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "tree_decode.json"))
+    p.add_argument("--out", default="bench/results/tree_decode.json", help="relative to the repository root")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
                                                          {**net, "kernel": k * 1e-6}, shape)["speedup_vs_ring"]
                                            for w in (64, 512)} for k in (0.0, 3.0)})
     result = {
-        "command": " ".join([sys.executable, *sys.argv]), "args": vars(args),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "backend": "gloo"},
         "note": "P processes on os.cpu_count() cores: P > cores is oversubscribed, wall times are then "
@@ -213,10 +213,11 @@ def main(argv=None) -> dict:
         "model_shape": shape, "modelled": model, "sensitivity_speedup_vs_ring_64k": sensitivity,
         "wall_s": time.perf_counter() - start,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(markdown(result))
-    _plot(result, Path(args.out).with_suffix(".png"))
+    _plot(result, out.with_suffix(".png"))
     return result
 
 

@@ -38,25 +38,20 @@ from lctrain_kernels.mask import as_batched
 from lctrain_kernels.reference import accumulation_dtype
 
 from .checks import check_shard_inputs
-from .counters import AttentionCounters, count_visible_pairs, tensor_bytes
-from .local_kernels import TORCH_KERNEL, LocalKernel, as_local_kernel
+from .counters import AttentionCounters, tensor_bytes
+from .local_kernels import LocalKernel, as_local_kernel
+from .place import GroupPlace
 from .merge import merge_partials
 
 
-class _Ring:
+class _Ring(GroupPlace):
     """This rank's place in the ring: size, neighbours (as global ranks) and counters."""
 
     def __init__(self, group, counters: AttentionCounters | None, kernel: LocalKernel | None = None):
-        self.kernel = kernel if kernel is not None else TORCH_KERNEL
-        if group is None and not dist.is_initialized():
-            self.size, self.rank = 1, 0
-        else:
-            group = group if group is not None else dist.group.WORLD
-            self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.group, self.counters = group, counters
+        super().__init__(group, counters, kernel)
         if self.size > 1:
-            self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
-            self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+            self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
+            self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
 
     def exchange(self, phase: str, send: list[torch.Tensor], recv: list[torch.Tensor]):
         """Post sends to rank + 1 and receives from rank - 1; returns the requests to wait on."""
@@ -66,12 +61,6 @@ class _Ring:
             self.counters.add(phase, bytes_sent=tensor_bytes(*send), messages=1)
         return dist.batch_isend_irecv(ops)
 
-    def count_pairs(self, phase, q_pos, k_pos, q_doc, k_doc, causal, window, batch):
-        if self.counters is None:
-            return
-        pairs = count_visible_pairs(q_pos, k_pos, q_doc, k_doc, causal, window)
-        rows = q_pos.shape[0]  # 1 when the coordinates are shared by the whole batch
-        self.counters.add(phase, pairs=pairs * (batch // rows))
 
 
 def _wait(requests) -> None:

@@ -60,21 +60,13 @@ from lctrain_kernels.mask import as_batched
 from lctrain_kernels.reference import accumulation_dtype
 
 from .checks import check_shard_inputs
-from .counters import AttentionCounters, count_visible_pairs, tensor_bytes
-from .local_kernels import TORCH_KERNEL, LocalKernel, as_local_kernel
+from .counters import AttentionCounters, tensor_bytes
+from .local_kernels import LocalKernel, as_local_kernel
+from .place import GroupPlace
 
 
-class _Tree:
+class _Tree(GroupPlace):
     """This rank's place in the group, its collectives, and its counters."""
-
-    def __init__(self, group, counters: AttentionCounters | None, kernel: LocalKernel | None = None):
-        self.kernel = kernel if kernel is not None else TORCH_KERNEL
-        if group is None and not dist.is_initialized():
-            self.size, self.rank = 1, 0
-        else:
-            group = group if group is not None else dist.group.WORLD
-            self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.group, self.counters = group, counters
 
     def _count(self, phase: str, bytes_sent: int) -> None:
         if self.counters is not None:
@@ -103,12 +95,6 @@ class _Tree:
         self._count(phase, (self.size - 1) * tensor_bytes(mine))
         return mine
 
-    def count_pairs(self, phase, q_pos, k_pos, q_doc, k_doc, causal, window, batch):
-        if self.counters is None:
-            return
-        pairs = count_visible_pairs(q_pos, k_pos, q_doc, k_doc, causal, window)
-        rows = q_pos.shape[0]  # 1 when the coordinates are shared by the whole batch
-        self.counters.add(phase, pairs=pairs * (batch // rows))
 
 
 def _chunks(seq_len: int, query_chunk: int | None) -> list[tuple[int, int]]:

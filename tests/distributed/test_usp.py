@@ -32,6 +32,9 @@ def cases_for(world: int) -> list[Case]:
             for heads in ((4, 4), (4, 2), (4, 1)):
                 cases.append(Case(layout, causal, heads, "packed", window=None if causal else 7))
         cases.append(Case(layout, True, (4, 2), "one", window=9))
+        cases.append(Case(layout, True, (4, 4), "one"))
+        cases.append(Case(layout, False, (4, 1), "one"))
+        cases.append(Case(layout, True, (4, 2), "packed", window=5))
         cases.append(Case(layout, True, (4, 2), "padded"))
         cases.append(Case(layout, True, (4, 1), "packed", batch=2, dtype="float32"))
     return cases

@@ -9,7 +9,6 @@ ranks and the ring across them (P=4: 2 x 2).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
