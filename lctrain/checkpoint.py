@@ -9,6 +9,10 @@ Everything non-tensor goes to JSON, so loading never unpickles: DCP would read
 non-tensor values with torch.load(weights_only=False). A save is written into
 `step_N.partial/` and renamed once every rank has finished and meta.json is on
 disk; a crash mid-save leaves only a `.partial` directory, which resume ignores.
+
+`group` (default: the world) is the set of ranks holding model state: with
+dedicated attention servers only the workers save and load, so ranks, world
+size and every barrier are relative to it and the servers take no part.
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 
 
-def _barrier():
+def _barrier(group=None):
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def _rank(group=None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
@@ -52,24 +56,26 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     return out
 
 
-def _tensor_state(model, optimizer, world_size: int) -> Dict[str, Any]:
-    rng = {f"rank{_rank()}": torch.get_rng_state()}
+def _tensor_state(model, optimizer, rank: int) -> Dict[str, Any]:
+    rng = {f"rank{rank}": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng[f"rank{_rank()}_cuda"] = torch.cuda.get_rng_state()
+        rng[f"rank{rank}_cuda"] = torch.cuda.get_rng_state()
     return {"model": model.state_dict(), "optim": _optimizer_tensors(model, optimizer), "rng": rng}
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model, optimizer, scheduler,
-                    data_state: Dict[str, Any], world_size: int, keep: int = 2) -> Path:
+                    data_state: Dict[str, Any], world_size: int, keep: int = 2, group=None) -> Path:
+    """Every rank of ``group`` (None: the world) calls this; ``world_size`` is that group's size."""
     root = Path(ckpt_dir)
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
-    if _rank() == 0:
+    rank = _rank(group)
+    if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    dcp.save(_tensor_state(model, optimizer, world_size), checkpoint_id=str(partial))
-    if _rank() == 0:
+    _barrier(group)
+    dcp.save(_tensor_state(model, optimizer, rank), checkpoint_id=str(partial), process_group=group)
+    if rank == 0:
         meta = {
             "step": step,
             "world_size": world_size,
@@ -85,7 +91,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model, optimizer, sc
             shutil.rmtree(final)
         os.replace(partial, final)
         _prune(root, keep)
-    _barrier()
+    _barrier(group)
     return final
 
 
@@ -104,29 +110,31 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, world_size: int) -> Dict[str, Any]:
-    """Restore everything in place; returns meta (step, data state)."""
+def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, world_size: int,
+                    group=None) -> Dict[str, Any]:
+    """Restore everything in place; returns meta (step, data state). Every rank of ``group`` calls it."""
     path = Path(path)
     if not (path / META).is_file():
         raise ValueError(f"{path} is not a complete lctrain checkpoint (no {META}); "
                          f"point trainer.resume at a step_XXXXXXXX directory or use trainer.resume=auto")
     with open(path / META) as f:
         meta = json.load(f)
-    state = _tensor_state(model, optimizer, world_size)
+    rank = _rank(group)
+    state = _tensor_state(model, optimizer, rank)
     same_world = meta["world_size"] == world_size
     if not same_world:  # per-rank RNG streams only make sense for the same ranks
         state.pop("rng")
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), process_group=group)
     model.load_state_dict(state["model"])
     by_name = dict(model.named_parameters())
     for key, value in state["optim"].items():
         name, field = key.rsplit(".", 1)
         optimizer.state[by_name[name]][field].copy_(value)
-    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
-        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    for param_group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        param_group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     scheduler.load_state_dict(meta["scheduler"])
     if same_world:
-        torch.set_rng_state(state["rng"][f"rank{_rank()}"])
-        if torch.cuda.is_available() and f"rank{_rank()}_cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"][f"rank{_rank()}_cuda"])
+        torch.set_rng_state(state["rng"][f"rank{rank}"])
+        if torch.cuda.is_available() and f"rank{rank}_cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"][f"rank{rank}_cuda"])
     return meta

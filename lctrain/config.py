@@ -256,11 +256,6 @@ def _check_disagg(cfg: TrainConfig, world_size: int) -> int:
     if cfg.trainer.dp > 0 and cfg.trainer.dp != workers:
         raise ValueError(f"cp=disagg trains data parallel over its {workers} worker ranks; set trainer.dp=-1 "
                          f"(got trainer.dp={cfg.trainer.dp})")
-    tc = cfg.trainer
-    if d.mode == "dedicated" and (tc.checkpoint_every or tc.save_final or tc.resume != "none"):
-        raise ValueError("disagg.mode=dedicated cannot checkpoint yet (server ranks hold no model state); "
-                         "set trainer.checkpoint_every=0 trainer.save_final=false trainer.resume=none, "
-                         "or use disagg.mode=colocated")
     return workers
 
 

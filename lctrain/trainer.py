@@ -68,6 +68,8 @@ class Trainer:
         self.dp_size = validate(cfg, env.world_size)
         self.disagg, self.worker_group = self._build_disagg()
         self.is_attention_server = self.disagg is not None and not self.disagg.runtime.is_worker
+        # Ranks holding model state: checkpoints are saved and loaded over these only.
+        self.num_workers = self.disagg.runtime.num_workers if self.disagg is not None else env.world_size
         if self.disagg is not None:  # workers are data parallel with whole sequences: no cp group
             self.groups = ParallelGroups(self.dp_size, 1, 0 if self.is_attention_server else env.rank, 0, None)
         else:
@@ -131,13 +133,14 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         resume = self.cfg.trainer.resume
-        if resume == "none":
+        if resume == "none" or self.is_attention_server:  # servers hold no state to restore
             return
         path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
         if path is None:
             self._print(f"trainer.resume=auto: no checkpoint in {self.ckpt_dir}, starting from step 0")
             return
-        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.env.world_size)
+        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.num_workers,
+                               group=self.worker_group)
         self.loader.load_state_dict(meta["data"])
         self.step = meta["step"]
         self._print(f"resumed from {path} at step {self.step}")
@@ -350,9 +353,13 @@ class Trainer:
         self._print(_final_line(summary))
         return summary
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Workers only (every one of them): dedicated attention servers hold no model state."""
+        if self.is_attention_server:
+            return None
         return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.loader.state_dict(), self.env.world_size, self.cfg.trainer.keep_checkpoints)
+                               self.loader.state_dict(), self.num_workers, self.cfg.trainer.keep_checkpoints,
+                               group=self.worker_group)
 
     def close(self) -> None:
         self.tracker.close()

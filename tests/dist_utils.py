@@ -3,7 +3,9 @@
 `run_ranks(fn, world_size, *args)` runs fn(rank, world_size, *args) in one
 process per rank and returns the per-rank return values; an exception on any
 rank fails the test with that rank's traceback, and a hang fails on a timeout
-instead of blocking the suite.
+instead of blocking the suite. A test whose rank is meant to hang (a stalled
+peer) passes ``ranks=``, the ranks to wait for: the others are killed once
+those have reported, and their results are None.
 """
 
 from __future__ import annotations
@@ -35,23 +37,25 @@ def _entry(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
+def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, ranks=None, join_timeout: float = 30.0):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
+    waited = set(range(world_size) if ranks is None else ranks)
     results, errors = {}, {}
     try:
-        for _ in range(world_size):
+        while not waited <= results.keys() | errors.keys():
             rank, status, value = queue.get(timeout=timeout)
             (results if status == "ok" else errors)[rank] = value
     finally:
-        for p in procs:
-            p.join(timeout=30)
+        for r, p in enumerate(procs):
+            p.join(timeout=join_timeout if r in waited else 0)
             if p.is_alive():
                 p.kill()
+                p.join()
     if errors:
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [results[r] for r in range(world_size)]
+    return [results.get(r) for r in range(world_size)]

@@ -206,11 +206,15 @@ def serve(attention: DisaggAttention | DisaggRuntime) -> int:
     if rt.is_worker:
         raise ValueError(f"rank {rt.rank} is a worker; only dedicated server ranks run serve()")
     calls = 0
-    while True:
-        call = rt.begin(None, None, None)
-        if call.op not in (FORWARD, BACKWARD):
-            for slot in range(len(rt.slots)):
-                rt.settle_slot(slot)
-            return calls
-        call.serve()
-        calls += 1
+    try:
+        while True:
+            call = rt.begin(None, None, None)
+            if call.op not in (FORWARD, BACKWARD):
+                for slot in range(len(rt.slots)):
+                    rt.settle_slot(slot)
+                return calls
+            call.serve()
+            calls += 1
+    except Exception:
+        rt.announce_abort()  # a no-op unless this server aborted a call
+        raise

@@ -8,6 +8,11 @@ asking. Sizes per task, in wire-dtype elements (r = accumulation bytes / wire by
            BACKWARD: q, k, v, dout, lse, delta    + q_len*h*d + 2*q_len*h*r
 - result   FORWARD:  out, lse                     q_len*h*d + q_len*h*r
            BACKWARD: dq, dk, dv (accumulation)    (q_len*h*d + 2*kv_len*h_kv*d) * r
+
+Every server's result message to every worker starts with a status, two int64
+(status, culprit rank) bit-cast to the wire dtype, even when the pair has no tasks:
+a server that rejects a request or fails computing still sends the results
+all-to-all (zero-filled, status set) that the workers are waiting on, then raises.
 """
 
 from __future__ import annotations
@@ -21,9 +26,19 @@ import torch.distributed as dist
 from lctrain_kernels.reference import accumulation_dtype
 from lctrain_kernels.torch_blockwise import blockwise_backward, blockwise_forward
 
-from .protocol import NUM_FIELDS, Field, build_task_headers, validate_headers
+from .protocol import NUM_FIELDS, build_task_headers, validate_headers
 from .rebatch import rebatch
-from .runtime import BACKWARD, FORWARD, from_wire, to_wire
+from .runtime import BACKWARD, FAILED, FORWARD, MALFORMED, OK, from_wire, to_wire
+
+STATUS_BYTES = 16  # (status, culprit rank) as int64
+
+
+class MalformedRequest(ValueError):
+    """A request's task headers are malformed or disagree with the server's plan; ``sender`` sent them."""
+
+    def __init__(self, message: str, sender: int):
+        super().__init__(message)
+        self.sender = sender
 
 
 class Call:
@@ -53,6 +68,18 @@ class Call:
         if self.op == FORWARD:
             return t.q_len * s.num_heads * (s.head_dim + s.acc_ratio)
         return (t.q_len * s.num_heads + 2 * t.kv_len * s.num_kv_heads) * s.head_dim * s.acc_ratio
+
+    def status_numel(self) -> int:
+        return STATUS_BYTES // torch.empty(0, dtype=self.spec.dtype).element_size()
+
+    def _result_splits(self) -> tuple[list[int], list[int]]:
+        """(send, recv) splits of the results: per (server, worker) pair a status, then its tasks' results."""
+        rt, n = self.rt, self.status_numel()
+        send, recv = self._splits(False, self.result_numel)
+        for r in range(rt.size):
+            send[r] += n if rt.is_server and r < rt.num_workers else 0
+            recv[r] += n if rt.is_worker and r in rt.server_ranks else 0
+        return send, recv
 
     def _splits(self, src_role_worker: bool, numel) -> tuple[list[int], list[int]]:
         """(input splits, output splits) of this rank for a worker->server (or server->worker) message."""
@@ -107,21 +134,42 @@ class Call:
         Every rank posts the results all-to-all (workers as receivers); servers do not wait
         on it here, so a ping-pong partner's call can start before the workers collect.
         """
-        me, s = self.rt.rank, self.spec
+        me = self.rt.rank
         buffers: dict[int, list[torch.Tensor]] = {}
         if self.rt.is_server and any(self.h_recv):
             for work in self.request_works:
                 self.rt.wait(work, f"{self.phase} request receive", f"wait_{self.phase}_s")
             start = time.perf_counter()
-            buffers = self._compute(self._received())
+            try:
+                buffers = self._compute(self._received())
+            except Exception as err:  # tell the waiting workers before failing here
+                culprit = err.sender if isinstance(err, MalformedRequest) else -1
+                status = MALFORMED if culprit >= 0 else FAILED
+                self._post_results({}, status, culprit)
+                if self.rt.is_worker:  # colocated: every rank posts these results before waiting on us
+                    self.rt.wait(self.result_work, f"{self.phase} abort send")
+                else:  # the workers may begin another call first: serve() ends with announce_abort
+                    self.rt._abort = (status, culprit, self.result_work)
+                raise
             self.rt.timers[f"server_{self.phase}_s"] += time.perf_counter() - start
             self.rt.counters.add(self.phase, pairs=sum(t.cost for t in self.plan.tasks if t.server == me))
-        send_splits, recv_splits = self._splits(False, self.result_numel)
-        send = torch.cat([torch.cat(buffers[w]) for w in sorted(buffers)]) if buffers else torch.empty(0, dtype=s.dtype)
-        assert send.numel() == sum(send_splits)
-        self.recv_results, self.result_work = self._all_to_all(send, send_splits, recv_splits, s.dtype)
+        self._post_results(buffers, OK, -1)
         if not self.rt.is_worker:
-            self.rt._server_works[s.slot].append(self.result_work)
+            self.rt._server_works[self.spec.slot].append(self.result_work)
+
+    def _post_results(self, buffers: dict, status: int, culprit: int) -> None:
+        """Post the results all-to-all: per worker the status, then its results (zeros unless OK)."""
+        dtype = self.spec.dtype
+        send_splits, recv_splits = self._result_splits()
+        head = to_wire(torch.tensor([status, culprit], dtype=torch.int64), dtype)
+        parts = []
+        for worker, numel in enumerate(send_splits):
+            if numel:
+                body = buffers.get(worker, []) if status == OK else [torch.zeros(numel - len(head), dtype=dtype)]
+                parts += [head, *body]
+        send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+        assert send.numel() == sum(send_splits)
+        self.recv_results, self.result_work = self._all_to_all(send, send_splits, recv_splits, dtype)
 
     def _received(self):
         """Per sender (rank, headers, qkv payload, extras), headers checked against this server's plan."""
@@ -136,7 +184,7 @@ class Call:
             rows = headers[sender].view(-1, NUM_FIELDS)
             qkv_numel = sum((i.task.q_len * s.num_heads + 2 * i.task.kv_len * s.num_kv_heads) * s.head_dim
                             for i in items)
-            check_received_headers(rows, items, qkv_numel, sender, me, s)
+            check_received_headers(rows, items, qkv_numel, sender, me, s)  # MalformedRequest naming sender
             flat = payloads[sender]
             received.append((sender, rows, flat, items))
         return received
@@ -187,9 +235,13 @@ class Call:
             self.rt.wait(work, f"{self.phase} request send", f"wait_{self.phase}_s")
         self.rt.wait(self.result_work, f"{self.phase} result receive", f"wait_{self.phase}_s")
         s, me, acc = self.spec, self.rt.rank, accumulation_dtype(self.spec.dtype)
-        chunks = self.recv_results.split(self._splits(False, self.result_numel)[1])
+        chunks, n = self.recv_results.split(self._result_splits()[1]), self.status_numel()
+        statuses = {r: from_wire(chunks[r][:n], torch.int64, (2,)).tolist() for r in self.rt.server_ranks}
+        aborted = {r: tuple(st) for r, st in statuses.items() if st[0] != OK}
+        if aborted:
+            raise self.rt.aborted(f"{self.phase} call", aborted)
         for server in range(self.rt.size):
-            offset, flat = 0, chunks[server]
+            offset, flat = n if server in statuses else 0, chunks[server]
             for item in self.pairs.get((me, server), []):
                 t, h, d = item.task, s.num_heads, s.head_dim
                 if self.op == FORWARD:
@@ -207,11 +259,15 @@ class Call:
 
 
 def check_received_headers(rows: torch.Tensor, items, qkv_numel: int, sender: int, receiver: int, spec) -> None:
-    """ValueError naming ``sender`` unless its headers are well formed and match this server's plan."""
-    validate_headers(rows, qkv_numel, sender, receiver_rank=receiver, num_heads=spec.num_heads,
-                     num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
+    """MalformedRequest (a ValueError) naming ``sender`` unless its headers are well formed and match the plan."""
+    try:
+        validate_headers(rows, qkv_numel, sender, receiver_rank=receiver, num_heads=spec.num_heads,
+                         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
+    except ValueError as err:
+        raise MalformedRequest(str(err), sender) from None
     expected = build_task_headers(items, spec.num_heads, spec.num_kv_heads, spec.head_dim)
     if not torch.equal(rows, expected):
         bad = int((rows != expected).any(dim=1).nonzero()[0])
-        raise ValueError(f"malformed task headers from rank {sender}: row {bad} is {rows[bad].tolist()} but this "
-                         f"server's plan says {expected[bad].tolist()} (ranks computed different plans)")
+        raise MalformedRequest(f"malformed task headers from rank {sender}: row {bad} is {rows[bad].tolist()} but "
+                               f"this server's plan says {expected[bad].tolist()} (ranks computed different plans)",
+                               sender)

@@ -7,8 +7,14 @@ Every call runs the same collectives on every rank of the disagg group, in the s
 2. every rank computes the same plan (``plan_from_lengths``) from the gathered lengths;
 3. headers (int64) and payloads (q/k/v[, dout, lse, delta]) by ``all_to_all_single`` with
    variable splits on the slot's group; servers validate the headers against their plan;
-4. servers rebatch every received task into one kernel call and send back (out, lse) or
-   (dq, dk, dv) with a second all-to-all.
+4. servers rebatch every received task into one kernel call and send back a status and
+   (out, lse) or (dq, dk, dv) with a second all-to-all.
+
+A server that rejects a request (malformed headers) or fails computing it aborts: it
+sends the call's results with an error status (workers collecting that call fail), and
+a dedicated server then sends ABORT as its control row (workers that begin another call
+first, as ping-pong does, fail there), so workers fail at once naming the server and
+the culprit rank instead of waiting out ``timeout_s``.
 
 Two slots (process groups) let two half-batches be in flight at once (ping-pong): the
 control group orders calls, and each slot group orders its own payload/result pair, so
@@ -22,6 +28,7 @@ import struct
 import time
 from collections import OrderedDict, defaultdict
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -32,8 +39,12 @@ from lctrain_kernels.reference import accumulation_dtype
 from .protocol import metadata_width, pack_metadata, unpack_metadata
 from .scheduler import MODES, AttentionShape, plan_from_lengths
 
-IDLE, FORWARD, BACKWARD, STOP = 0, 1, 2, 3
-OPCODES = {IDLE: "IDLE", FORWARD: "FORWARD", BACKWARD: "BACKWARD", STOP: "STOP"}
+if TYPE_CHECKING:  # exchange.py imports this module
+    from .exchange import Call
+
+IDLE, FORWARD, BACKWARD, STOP, ABORT = 0, 1, 2, 3, 4
+OPCODES = {IDLE: "IDLE", FORWARD: "FORWARD", BACKWARD: "BACKWARD", STOP: "STOP", ABORT: "ABORT"}
+OK, MALFORMED, FAILED = 0, 1, 2  # a server's status of one call; MALFORMED comes with the culprit sender
 NUM_SLOTS = 2
 WIRE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # opcode, slot, causal, window (-1: none), scale as float64 bits (0: default), h, h_kv, d, dtype index
@@ -81,6 +92,7 @@ class DisaggRuntime:
         self.timers: dict[str, float] = defaultdict(float)
         self._plans: OrderedDict = OrderedDict()
         self._server_works: list[list] = [[] for _ in range(NUM_SLOTS)]
+        self._abort = None  # (status, culprit, result send) of a call this pure server aborted
         self.stopped = False
 
     def __repr__(self) -> str:
@@ -103,6 +115,30 @@ class DisaggRuntime:
             f"(workers {list(range(self.num_workers))}) died, erred or stalled past disagg.timeout_s="
             f"{self.timeout_s:g}; check those ranks' logs. Cause: {err}")
 
+    def aborted(self, what: str, statuses: dict) -> DisaggServerError:
+        """The error for calls that servers aborted; ``statuses``: server rank -> (status, culprit)."""
+        reasons = [f"rank {r} rejected malformed task headers from rank {culprit}" if status == MALFORMED
+                   else f"rank {r} failed computing it" for r, (status, culprit) in sorted(statuses.items())]
+        return DisaggServerError(f"disagg {what} aborted on rank {self.rank}: attention server " + "; ".join(reasons)
+                                 + " (that server's log has its error)")
+
+    def announce_abort(self) -> None:
+        """Pure servers, after aborting a call: keep the abort visible until the workers have seen it.
+
+        They see it in that call's results if they collect it next, or in this ABORT control row
+        if they begin another call first (ping-pong); waiting on either alone could deadlock.
+        """
+        if self._abort is None:
+            return
+        (status, culprit, result_send), self._abort = self._abort, None
+        row = torch.zeros(self.control_width(), dtype=torch.int64)
+        row[:3] = torch.tensor([ABORT, status, culprit])
+        rows = [torch.empty_like(row) for _ in range(self.size)]
+        control = dist.all_gather(rows, row, group=self.control, async_op=True)
+        deadline = time.monotonic() + self.timeout_s
+        while not (result_send.is_completed() or control.is_completed()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def control_width(self) -> int:
         return NUM_CONTROL + metadata_width(self.max_docs)
 
@@ -120,6 +156,9 @@ class DisaggRuntime:
 
     def parse_control(self, rows: list[torch.Tensor]) -> "CallSpec":
         """The call every worker asked for; ValueError naming the rank that disagrees."""
+        aborts = {r: tuple(rows[r][1:3].tolist()) for r in self.server_ranks if int(rows[r][0]) == ABORT}
+        if aborts:
+            raise self.aborted("control exchange", aborts)
         head = rows[0][:NUM_CONTROL].tolist()
         for r in range(1, self.num_workers):
             other = rows[r][:NUM_CONTROL].tolist()

@@ -1,4 +1,4 @@
-"""Disaggregated attention is exact (float64) on gloo; bad headers and dead servers fail loudly.
+"""Disaggregated attention is exact (float64) on gloo; bad headers, dead or stalled servers fail loudly.
 
 Each worker holds its own skewed batch of packed documents (different lengths per
 worker, a long document split into several tasks, padding), the result of one
@@ -17,8 +17,9 @@ import torch
 from lctrain.attention import reference_attention
 from lctrain.distributed import init_distributed
 from lctrain.disagg.attention import build_disagg_attention, serve
-from lctrain.disagg.exchange import check_received_headers
-from lctrain.disagg.runtime import CallSpec, DisaggServerError
+from lctrain.disagg.exchange import Call, check_received_headers
+from lctrain.disagg.protocol import Field
+from lctrain.disagg.runtime import BACKWARD, CallSpec, DisaggServerError
 from lctrain.disagg.scheduler import AttentionShape, plan_from_lengths
 from tests.dist_utils import free_port, run_ranks
 
@@ -162,3 +163,102 @@ def test_killed_server_raises_a_clear_error_not_a_hang():
     for rank, message, elapsed in reports:
         assert "attention server rank(s) [2]" in message, (rank, message)
         assert elapsed < TIMEOUT_S + 5, (rank, elapsed)
+
+
+# ---------------------------------------------------------------- a server stalls mid-step
+
+STALL_TIMEOUT_S = 2
+
+
+def _stalling_server(rank, world):
+    init_distributed("cpu")
+    torch.set_num_threads(1)
+    attention = build_disagg_attention("dedicated", 1, timeout_s=STALL_TIMEOUT_S)
+    if not attention.runtime.is_worker:
+        answer = Call.serve
+
+        def stall(call):  # answers the forward, then stops responding (alive, holding its sockets)
+            if call.op == BACKWARD:
+                time.sleep(3600)
+            answer(call)
+
+        Call.serve = stall
+        serve(attention)
+        return "served"
+    q, k, v, dout, doc = _worker_batch([[120, 30]], seed=rank)
+    out = attention(q.requires_grad_(), k, v, doc_ids=doc)
+    start = time.perf_counter()
+    try:
+        (out * dout).sum().backward()
+        return "no error", 0.0
+    except DisaggServerError as err:
+        return str(err), time.perf_counter() - start
+
+
+def test_stalled_server_fails_the_workers_within_the_timeout():
+    start = time.perf_counter()
+    reports = run_ranks(_stalling_server, 3, ranks=(0, 1), timeout=60, join_timeout=10)
+    assert reports[2] is None  # never returned: killed once the workers had reported
+    for rank, (message, elapsed) in enumerate(reports[:2]):
+        assert "backward result receive failed" in message and "attention server rank(s) [2]" in message, message
+        assert f"timeout_s={STALL_TIMEOUT_S}" in message, message
+        assert STALL_TIMEOUT_S - 0.5 < elapsed < STALL_TIMEOUT_S + 3, (rank, elapsed)
+    assert time.perf_counter() - start < 40
+
+
+# ---------------------------------------------------------------- a worker sends malformed headers
+
+MALFORMED_TIMEOUT_S = 20  # failing fast means well under this
+
+
+def _corrupting_worker(rank, world):
+    """Rank 1 shifts the q_start of the first task header it sends; the receiving server aborts."""
+    init_distributed("cpu")
+    torch.set_num_threads(1)
+    if rank == 1:
+        send = Call._all_to_all
+
+        def corrupt(call, data, send_splits, recv_splits, dtype):
+            if dtype == torch.int64 and data.numel():  # the only int64 all-to-all: task headers
+                data = data.clone()
+                data[Field.Q_START] += 1
+            return send(call, data, send_splits, recv_splits, dtype)
+
+        Call._all_to_all = corrupt
+    q, k, v, _, doc = _worker_batch([[120, 30]], seed=rank)
+    out = {}
+    for case in ("colocated", "dedicated", "dedicated-pingpong"):
+        mode = case.split("-")[0]
+        attention = build_disagg_attention(mode, 1 if mode == "dedicated" else None, timeout_s=MALFORMED_TIMEOUT_S)
+        start = time.perf_counter()
+        try:
+            if not attention.runtime.is_worker:
+                serve(attention)
+            elif case.endswith("pingpong"):  # slot 1's control exchange follows slot 0's requests
+                for slot in (0, 1):
+                    attention.start(q, k, v, doc_ids=doc, slot=slot)
+            else:
+                attention(q, k, v, doc_ids=doc)
+            out[case] = ("no error", "", 0.0)
+        except Exception as err:  # noqa: BLE001 - the test asserts on the type
+            out[case] = (type(err).__name__, str(err), time.perf_counter() - start)
+    return out
+
+
+def test_malformed_headers_on_the_wire_abort_every_rank_naming_server_and_sender():
+    reports = run_ranks(_corrupting_worker, 3, timeout=60, join_timeout=3)
+    for case in ("colocated", "dedicated", "dedicated-pingpong"):
+        outcomes = [r[case] for r in reports]
+        detected = [rank for rank, (kind, _, _) in enumerate(outcomes) if kind == "MalformedRequest"]
+        assert len(detected) == 1, (case, outcomes)  # the server that received the bad row
+        server = detected[0]
+        assert "malformed task headers from rank 1" in outcomes[server][1], (case, outcomes)
+        assert "plan says" in outcomes[server][1]
+        if case.startswith("dedicated"):
+            assert server == 2
+        for rank, (kind, message, elapsed) in enumerate(outcomes):
+            if rank != server:
+                assert kind == "DisaggServerError", (case, rank, message)
+                assert f"attention server rank {server} rejected malformed task headers from rank 1" in message
+                assert ("control exchange" if case.endswith("pingpong") else "forward call") in message, message
+            assert elapsed < 5, (case, rank, elapsed)  # failed fast, not at MALFORMED_TIMEOUT_S

@@ -5,14 +5,20 @@ process holding the whole global batch (W rows), which plain DP over W ranks
 equals exactly (tests/integration/test_trainer_distributed.py). Sequences pack
 several documents, so tasks, splits and the ping-pong document-boundary cut are
 all exercised, in one spawn of 3 ranks: colocated with and without ping-pong,
-dedicated on 3 ranks = 2 workers + 1 attention server (ping-pong).
+dedicated on 3 ranks = 2 workers + 1 attention server (ping-pong). The same spawn
+checks that dedicated mode resumes from a checkpoint (saved by the workers only)
+bit for bit.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from lctrain.checkpoint import latest_checkpoint
 from lctrain.distributed import DistEnv
 from tests.dist_utils import run_ranks
 from tests.integration.test_trainer_distributed import _run_steps, _trainer
@@ -35,6 +41,30 @@ def _ranks(rank, world, tmp):
             out[key] = (_run_steps(t, STEPS), t.evaluate(), t.disagg.counters.pairs)
             t.stop_attention_servers()
         t.close()
+    out["resume"] = _dedicated_resume(tmp)
+    return out
+
+
+def _dedicated_resume(tmp):
+    """float32 dedicated run: 6 steps straight, vs 3 steps + save + a fresh trainer resuming for 3 more."""
+    def run(name, steps, extra=(), save=False):
+        t = _trainer(["cp=disagg", "disagg.mode=dedicated", "disagg.num_servers=1", "disagg.timeout_s=60",
+                      "trainer.steps=6", "data.docs_per_seq=2", *extra], f"{tmp}/{name}")
+        if t.is_attention_server:
+            assert t.save() is None and t.step == 0  # no state to save or restore
+            result = t.fit()["final/served_calls"]
+        else:
+            result = (t.step, _run_steps(t, steps))
+            if save:  # mid-run, while the server sits in its serve loop
+                t.save()
+            t.stop_attention_servers()
+        t.close()
+        return result
+
+    out = {"full": run("full", 6), "interrupted": run("interrupted", 3, save=True),
+           "resumed": run("interrupted", 3, ["trainer.resume=auto"])}
+    saved = latest_checkpoint(Path(tmp, "interrupted", "checkpoints"))
+    out["saved"] = (saved.name, json.loads((saved / "meta.json").read_text())["world_size"])
     return out
 
 
@@ -70,7 +100,6 @@ def test_disagg_training_reproduces_data_parallel(disagg_runs, tmp_path, world, 
     (["disagg.mode=dedicated", "disagg.num_servers=3"], 3, "1 <= disagg.num_servers < world size"),
     (["cp.size=2"], 2, "cp=disagg keeps cp.size=1"),
     (["disagg.mode=remote"], 2, "disagg.mode"),
-    (["disagg.mode=dedicated", "trainer.checkpoint_every=5"], 3, "cannot checkpoint yet"),
     (["disagg.mode=dedicated", "trainer.dp=3"], 3, "trainer.dp=-1"),
 ])
 def test_disagg_config_mistakes_name_the_fix(overrides, world, message):
@@ -78,4 +107,16 @@ def test_disagg_config_mistakes_name_the_fix(overrides, world, message):
 
     with pytest.raises(ValueError, match=message):
         validate(compose_config(["cp=disagg", *overrides]), world)
-    assert validate(compose_config(["cp=disagg", "disagg.mode=dedicated"]), 3) == 2
+    assert validate(compose_config(["cp=disagg", "disagg.mode=dedicated", "trainer.checkpoint_every=5",
+                                    "trainer.resume=auto"]), 3) == 2
+
+
+def test_dedicated_resume_reproduces_the_uninterrupted_run_bit_for_bit(disagg_runs):
+    """Workers save and load over their own group; the server follows no checkpoint collective."""
+    results = [r["resume"] for r in disagg_runs[3]]
+    for full, interrupted, resumed in ((r["full"], r["interrupted"], r["resumed"]) for r in results[:2]):
+        assert full[0] == interrupted[0] == 0 and resumed[0] == 3
+        assert interrupted[1] == full[1][:3]
+        assert resumed[1] == full[1][3:], "resumed losses differ from the uninterrupted run"
+    assert all(r["full"] > 0 and r["resumed"] > 0 for r in results[2:])
+    assert all(r["saved"] == ("step_00000003", 2) for r in results)  # a checkpoint of the 2 workers
