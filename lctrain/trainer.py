@@ -330,6 +330,8 @@ class Trainer:
                 metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                            "train/grad_norm": self._last_grad_norm, "train/tokens_per_s": tokens_per_step / dt,
                            "train/step_time_s": dt}
+                if self.disagg is not None:  # the plan's predicted balance vs no servers
+                    metrics.update(self.disagg.runtime.plan_stats())
                 if self.step % self.cfg.logger.log_every == 0 or self.step == tc.steps:
                     self.tracker.log(metrics, self.step)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)

@@ -186,7 +186,20 @@ class DisaggRuntime:
                                                  causal=spec.causal, window=spec.window, mode=self.mode, **extra)
             if len(self._plans) > 16:
                 self._plans.popitem(last=False)
+        self.last_plan = self._plans[key]
         return self._plans[key]
+
+    def plan_stats(self) -> dict[str, float]:
+        """Predicted max/mean load of the last plan, and what each worker alone would carry."""
+        plan = getattr(self, "last_plan", None)
+        if plan is None:
+            return {}
+        own = [0] * plan.num_workers
+        for scheduled in plan.tasks:
+            own[scheduled.task.worker] += scheduled.cost
+        mean = sum(own) / len(own)
+        return {"disagg/plan_imbalance": plan.imbalance,
+                "disagg/colocated_imbalance": max(own) / mean if mean else 1.0}
 
     def settle_slot(self, slot: int) -> None:
         """Wait this rank's earlier result sends on ``slot`` (posted without waiting, see module doc)."""

@@ -38,7 +38,7 @@ def _ranks(rank, world, tmp):
         if t.is_attention_server:
             out[key] = t.fit()
         else:
-            out[key] = (_run_steps(t, STEPS), t.evaluate(), t.disagg.counters.pairs)
+            out[key] = (_run_steps(t, STEPS), t.evaluate(), t.disagg.counters.pairs, t.disagg.runtime.plan_stats())
             t.stop_attention_servers()
         t.close()
     out["resume"] = _dedicated_resume(tmp)
@@ -87,8 +87,10 @@ def test_disagg_training_reproduces_data_parallel(disagg_runs, tmp_path, world, 
     workers = world - 1 if mode == "dedicated" else world
     expected_losses, expected_eval = _plain_dp(workers, tmp_path)
     results = [r[(mode, ping_pong)] for r in disagg_runs[world]]
-    for losses, evaluation, pairs in results[:workers]:
+    for losses, evaluation, pairs, plan in results[:workers]:
         assert losses == pytest.approx(expected_losses, abs=1e-10, rel=1e-10)
+        # The predicted balance is logged every step; it never exceeds what no servers would give.
+        assert 1.0 <= plan["disagg/plan_imbalance"] <= plan["disagg/colocated_imbalance"] + 1e-9
         for key, value in expected_eval.items():
             assert evaluation[key] == pytest.approx(value, abs=1e-10), key
         assert (pairs == 0) == (mode == "dedicated")  # dedicated workers compute no attention
