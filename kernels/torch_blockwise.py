@@ -100,10 +100,11 @@ def _masked(scores: torch.Tensor, hidden: torch.Tensor | None, group: int) -> to
 
 def blockwise_forward(
     q, k, v, q_pos, k_pos, q_doc, k_doc, causal=True, window=None, scale=None,
-    block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K,
+    block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, out_dtype=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``dense_attention``: returns out (b, sq, h, d) in q's dtype and
-    lse (b, h, sq) in float32 (float64 for float64 inputs); -inf for rows that see no key."""
+    lse (b, h, sq) in float32 (float64 for float64 inputs); -inf for rows that see no key.
+    ``out_dtype`` (e.g. float32) keeps a partial output unrounded for a later merge."""
     batch, seq_q, _, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = q.shape[2] // num_kv_heads
@@ -141,7 +142,7 @@ def blockwise_forward(
         out_bhgsd[:, :, :, q_start:q_end] = tile_out.view(batch, num_kv_heads, group, tile_q, head_dim)
         lse_bhgs[:, :, :, q_start:q_end] = tile_lse.view(batch, num_kv_heads, group, tile_q)
 
-    return _seq_first(out_bhgsd).to(q.dtype), lse_bhgs.reshape(batch, num_kv_heads * group, seq_q)
+    return _seq_first(out_bhgsd).to(out_dtype or q.dtype), lse_bhgs.reshape(batch, num_kv_heads * group, seq_q)
 
 
 def blockwise_backward(

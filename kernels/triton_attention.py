@@ -373,21 +373,23 @@ FWD_SPEC = (_attn_fwd, FWD_CONFIGS, "BLOCK_N", "BLOCK_M")
 
 
 def triton_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, causal=True, window=None, scale=None,
-                   block_q=None, block_k=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   block_q=None, block_k=None, out_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``blockwise_forward``: out (b, sq, h, d) in q's dtype, lse (b, h, sq)
     float32, -inf (and out 0) for rows that see no key. ``block_q``/``block_k`` fix the tiles
-    (powers of two >= 16) instead of autotuning."""
+    (powers of two >= 16) instead of autotuning; ``out_dtype`` (e.g. float32) keeps a partial
+    output unrounded for a later merge."""
     _require_triton()
     check_inputs(q, k, v, window)
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.zeros(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.full((batch, num_heads, seq_q), float("-inf"), dtype=torch.float32, device=q.device)
     if seq_q == 0 or seq_k == 0 or batch * num_heads == 0:
         return out, lse
     interpret = interpret_mode(q.device)
     q, k, v = kernel_inputs(interpret, q, k, v)
-    result = out if q.dtype == out.dtype else out.to(q.dtype)
+    # The kernel stores in its output's dtype: q's, or float32 when asked for.
+    result = out if out.dtype in (q.dtype, torch.float32) else out.to(q.dtype)
     qp, qd, kp, kd, q_info, k_info = plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, q.device)
     scale = default_scale(head_dim, scale)
     args = [q, k, v, result, lse, qp, qd, kp, kd, q_info, k_info,

@@ -120,10 +120,12 @@ def local_partial(q, k, v, q_pos, q_doc, k_pos, k_doc, window=None, counters: De
     cache shard; out 0 and lse -inf where the shard holds no visible key."""
     if k.shape[1] == 0:
         acc = accumulation_dtype(q.dtype)
-        return q.new_zeros(q.shape), q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc)
+        return q.new_zeros(q.shape, dtype=acc), q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc)
     if counters is not None:
         counters.pairs += count_visible_pairs(q_pos, k_pos, q_doc, k_doc, True, window) * q.shape[0]
-    return blockwise_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, True, window)
+    # The partial stays in the accumulation dtype: the combine rescales it before any rounding.
+    return blockwise_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, True, window,
+                             out_dtype=accumulation_dtype(q.dtype))
 
 
 def tree_combine(out: torch.Tensor, lse: torch.Tensor, comm: Comm):

@@ -28,7 +28,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @dataclass(frozen=True)
 class LocalKernel:
     name: str
-    forward: Callable  # (q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale) -> (out, lse)
+    forward: Callable  # (q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, out_dtype=None)
+    #                     -> (out, lse)
     backward: Callable  # (dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window, scale,
     #                      delta=None) -> (dq, dk, dv)
     attention: Callable  # differentiable (q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale)

@@ -87,8 +87,9 @@ class RingAttentionFunction(torch.autograd.Function):
             if step < ring.size - 1:  # prefetch the next block while computing this one
                 requests = ring.exchange("forward", [kv_cur, coord_cur], [kv_spare, coord_spare])
             k_pos, k_doc = coord_cur[0], coord_cur[1]
+            # Partials stay in the accumulation dtype until the last merge (no bf16 rounding).
             out_blk, lse_blk = ring.kernel.forward(
-                q, kv_cur[0], kv_cur[1], q_pos, k_pos, q_doc, k_doc, causal, window, scale
+                q, kv_cur[0], kv_cur[1], q_pos, k_pos, q_doc, k_doc, causal, window, scale, out_dtype=acc_dtype
             )
             ring.count_pairs("forward", q_pos, k_pos, q_doc, k_doc, causal, window, q.shape[0])
             if out is None:

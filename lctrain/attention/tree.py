@@ -132,7 +132,7 @@ class TreeAttentionFunction(torch.autograd.Function):
             q_all = tree.all_gather("forward", q[:, start:end], dim=1)  # (b, P * c, h, d)
             pos_all, doc_all = _chunk_coords(coords_all, start, end)
             out_part, lse_part = tree.kernel.forward(
-                q_all, k, v, pos_all, q_pos, doc_all, q_doc, causal, window, scale
+                q_all, k, v, pos_all, q_pos, doc_all, q_doc, causal, window, scale, out_dtype=acc_dtype
             )
             tree.count_pairs("forward", pos_all, q_pos, doc_all, q_doc, causal, window, batch)
             lse_max = tree.all_reduce_max("forward", lse_part)  # (b, h, P * c)

@@ -237,3 +237,17 @@ def test_attention_call_rejects_bad_shapes():
         attn(q, k, v, doc_ids=torch.zeros(7, dtype=torch.long))
     with pytest.raises(ValueError, match="window"):
         attn(q, k, v, window=0)
+
+
+def test_blockwise_forward_can_keep_a_bf16_partial_in_float32():
+    """Strategies merge partials later: out_dtype=float32 returns the unrounded partial."""
+    q, k, v = random_qkv(40, 40, 4, 2, torch.float32)
+    pos, doc = torch.arange(40), packed_docs(40, [9, 30])
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    out32, lse32 = blockwise_forward(qb, kb, vb, pos, pos, doc, doc, True, 11, out_dtype=torch.float32)
+    want, want_lse = blockwise_forward(qb.float(), kb.float(), vb.float(), pos, pos, doc, doc, True, 11)
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse32, want_lse, atol=1e-6, rtol=1e-6)
+    rounded, _ = blockwise_forward(qb, kb, vb, pos, pos, doc, doc, True, 11)
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded.float(), out32)
