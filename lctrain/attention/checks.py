@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lctrain_kernels.mask import as_batched
+
 
 def check_qkv(q, k, v, window, seq_word: str = "sequence length") -> None:
     """Shapes, GQA head ratio, dtypes and window of one attention call."""
@@ -50,3 +52,13 @@ def check_shard_inputs(q, k, v, q_pos, q_doc, window) -> None:
     """A context-parallel call on this rank's shard; raises before any collective is issued."""
     check_qkv(q, k, v, window, seq_word="local sequence length")
     check_coords({"q_pos": q_pos, "q_doc": q_doc}, q.shape[0], q.shape[1], required=True)
+
+
+def shard_coords(q, q_pos, q_doc) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates as the P2P strategies send them: long, on q's device, both (1 or b, s_local)
+    of one shape (one is per batch row: both travel as (b, s_local)), contiguous."""
+    q_pos = as_batched(q_pos.to(device=q.device, dtype=torch.long))
+    q_doc = as_batched(q_doc.to(device=q.device, dtype=torch.long))
+    if q_pos.shape != q_doc.shape:
+        q_pos, q_doc = q_pos.expand(q.shape[0], -1), q_doc.expand(q.shape[0], -1)
+    return q_pos.contiguous(), q_doc.contiguous()

@@ -34,10 +34,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lctrain_kernels.mask import as_batched
 from lctrain_kernels.reference import accumulation_dtype
 
-from .checks import check_shard_inputs
+from .checks import check_shard_inputs, shard_coords
 from .counters import AttentionCounters, tensor_bytes
 from .local_kernels import LocalKernel, as_local_kernel
 from .place import GroupPlace
@@ -162,10 +161,6 @@ def ring_attention(
     if q_doc is None:
         q_doc = torch.zeros_like(q_pos)
     check_shard_inputs(q, k, v, q_pos, q_doc, window)
-    q_pos = as_batched(q_pos.to(device=q.device, dtype=torch.long))
-    q_doc = as_batched(q_doc.to(device=q.device, dtype=torch.long))
-    if q_pos.shape != q_doc.shape:  # one is per batch row: travel as (b, s_local) both
-        q_pos, q_doc = q_pos.expand(q.shape[0], -1), q_doc.expand(q.shape[0], -1)
-    q_pos, q_doc = q_pos.contiguous(), q_doc.contiguous()
+    q_pos, q_doc = shard_coords(q, q_pos, q_doc)
     ring = _Ring(group, counters, as_local_kernel(kernel, q))
     return RingAttentionFunction.apply(q, k, v, q_pos, q_doc, ring, causal, window, scale)

@@ -22,6 +22,7 @@ from lctrain.attention.layouts import LAYOUT_NAMES, get_layout
 from lctrain.attention.reference import reference_attention
 from lctrain.attention.ring import ring_attention
 from tests.dist_utils import run_ranks
+from tests.distributed.shard_case import run_sharded
 
 WORLD_SIZES = (1, 2, 3, 4)
 HEAD_DIM = 8
@@ -102,30 +103,31 @@ def ring_of(case: Case, world: int, rank: int) -> tuple[int, int]:
     return world // case.group_stride, rank // case.group_stride
 
 
-def _worker(rank: int, world: int, cases: tuple[Case, ...]):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+def strided_groups(rank: int, world: int, strides) -> dict:
+    """stride -> this rank's group of ranks {r, r + stride, ...}; every rank creates every group."""
     groups = {}
-    for stride in {c.group_stride for c in cases if c.group_stride}:
-        for first in range(stride):  # every rank creates every group, in the same order
+    for stride in sorted(strides):
+        for first in range(stride):
             ranks = list(range(first, world, stride))
             group = dist.new_group(ranks)
             if rank in ranks:
                 groups[stride] = group
-    results = {}
-    for case in cases:
-        size, index = ring_of(case, world, rank)
-        layout = get_layout(case.layout, size)
-        q, k, v, dout = full_tensors(case)
-        q, k, v = (layout.shard(x, index, dim=1).requires_grad_() for x in (q, k, v))
-        counters = AttentionCounters()
-        out, lse = ring_attention(
-            q, k, v, layout.positions(case.seq, index), layout.shard(doc_ids(case), index, dim=-1),
-            group=groups.get(case.group_stride), causal=case.causal, window=case.window, counters=counters,
-        )
-        out.backward(layout.shard(dout, index, dim=1))
-        results[case.name] = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad,
-                                  phases=counters.per_phase)
+    return groups
+
+
+def run_case(attention, case: Case, world: int, rank: int, groups: dict) -> dict:
+    """This rank's results for ``case`` with ``attention`` over its (sub)group."""
+    size, index = ring_of(case, world, rank)
+    bound = functools.partial(attention, group=groups.get(case.group_stride))
+    return run_sharded(bound, get_layout(case.layout, size), index, *full_tensors(case), doc_ids(case),
+                       case.causal, case.window)
+
+
+def _worker(rank: int, world: int, cases: tuple[Case, ...]):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    groups = strided_groups(rank, world, {c.group_stride for c in cases if c.group_stride})
+    results = {case.name: run_case(ring_attention, case, world, rank, groups) for case in cases}
     # Bytes, not tensors: tensors cross the queue as shared memory the exiting rank takes with it.
     buffer = io.BytesIO()
     torch.save(results, buffer)

@@ -22,7 +22,9 @@ from lctrain.attention.layouts import get_layout
 from lctrain.attention.reference import reference_attention
 from lctrain.attention.tree import tree_attention, tree_peak_bytes, tree_peak_query_tokens
 from tests.dist_utils import run_ranks
-from tests.distributed.test_ring import HEAD_DIM, TOLERANCES, Case, cases_for, doc_ids, full_tensors, ring_of
+from tests.distributed.test_ring import (
+    HEAD_DIM, TOLERANCES, Case, cases_for, doc_ids, full_tensors, ring_of, run_case, strided_groups,
+)
 
 WORLD_SIZES = (1, 2, 3, 4)
 CHUNK = 5  # tokens per rank per chunk: uneven against s_local = 48 / P and 256 / 4
@@ -59,28 +61,10 @@ def key(case: Case, query_chunk: int | None) -> str:
 def _worker(rank: int, world: int, cases: tuple[tuple[Case, int | None], ...]):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    groups = {}
-    for stride in sorted({c.group_stride for c, _ in cases if c.group_stride}):
-        for first in range(stride):  # every rank creates every group, in the same order
-            ranks = list(range(first, world, stride))
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups[stride] = group
-    results = {}
-    for case, query_chunk in cases:
-        size, index = ring_of(case, world, rank)
-        layout = get_layout(case.layout, size)
-        q, k, v, dout = full_tensors(case)
-        q, k, v = (layout.shard(x, index, dim=1).requires_grad_() for x in (q, k, v))
-        counters = AttentionCounters()
-        out, lse = tree_attention(
-            q, k, v, layout.positions(case.seq, index), layout.shard(doc_ids(case), index, dim=-1),
-            group=groups.get(case.group_stride), causal=case.causal, window=case.window,
-            counters=counters, query_chunk=query_chunk,
-        )
-        out.backward(layout.shard(dout, index, dim=1))
-        results[key(case, query_chunk)] = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad,
-                                               phases=counters.per_phase)
+    groups = strided_groups(rank, world, {c.group_stride for c, _ in cases if c.group_stride})
+    results = {key(case, query_chunk): run_case(functools.partial(tree_attention, query_chunk=query_chunk),
+                                                case, world, rank, groups)
+               for case, query_chunk in cases}
     # Bytes, not tensors: tensors cross the queue as shared memory the exiting rank takes with it.
     buffer = io.BytesIO()
     torch.save(results, buffer)

@@ -20,6 +20,7 @@ from lctrain.attention import get_layout, reference_attention
 from lctrain.attention.counters import AttentionCounters, count_visible_pairs
 from lctrain.attention.ulysses import check_ulysses_inputs, ulysses_attention, usable_degrees
 from tests.dist_utils import run_ranks
+from tests.distributed.shard_case import run_sharded
 
 BATCH = 2  # > 1 so a mix-up of batch and rank dims in the all-to-all shows
 SEQ_LEN = 24  # a multiple of 2P for P = 1, 2, 4 (zigzag)
@@ -65,18 +66,12 @@ def _run_case(rank, world_size, group, case_index, case):
     layout_name, causal, _kv, docs, window, _dtype = case
     layout = get_layout(layout_name, world_size)
     q, k, v, dout = make_inputs(case_index, case)
-    shard = functools.partial(layout.shard, rank=rank, dim=1)
-    q_loc, k_loc, v_loc = (shard(x).requires_grad_() for x in (q, k, v))
-    pos = layout.positions(SEQ_LEN, rank)
-    doc = layout.shard(doc_ids(docs), rank, dim=0)
-    counters = AttentionCounters()
-    out, lse = ulysses_attention(q_loc, k_loc, v_loc, pos, doc, group, causal=causal, window=window,
-                                 counters=counters)
-    out.backward(shard(dout))
+    attention = functools.partial(ulysses_attention, group=group)
+    result = run_sharded(attention, layout, rank, q, k, v, dout, doc_ids(docs), causal, window)
     # numpy arrays: torch tensors would cross the result queue as shared memory that
     # vanishes when the rank exits.
-    tensors = {"out": out.detach(), "lse": lse, "dq": q_loc.grad, "dk": k_loc.grad, "dv": v_loc.grad}
-    return {**{name: x.numpy() for name, x in tensors.items()}, "counters": counters.per_phase}
+    phases = result.pop("phases")
+    return {**{name: x.numpy() for name, x in result.items()}, "counters": phases}
 
 
 def _bad_heads_message(world_size):

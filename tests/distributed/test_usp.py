@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 
 from lctrain.attention import build_attention, get_layout, reference_attention
-from lctrain.attention.counters import AttentionCounters, count_visible_pairs
+from lctrain.attention.counters import count_visible_pairs
 from lctrain.attention.usp import usp_attention
 from lctrain.distributed.groups import build_parallel_groups
 from tests.dist_utils import run_ranks
+from tests.distributed.shard_case import run_sharded
 from tests.distributed.test_ring import TOLERANCES, Case, doc_ids, full_tensors
 
 DEGREES = {2: (1, 2), 4: (1, 2, 4)}  # world -> Ulysses degrees
@@ -46,18 +47,11 @@ def _worker(rank: int, world: int):
     results = {}
     for degree in DEGREES[world]:
         groups = build_parallel_groups(rank, world, 1, world, ulysses_size=degree)
+        ulysses_group, ring_group = groups.usp_groups
+        usp = functools.partial(usp_attention, ulysses_group=ulysses_group, ring_group=ring_group)
         for case in cases_for(world):
-            layout = get_layout(case.layout, world)
-            q, k, v, dout = full_tensors(case)
-            q, k, v = (layout.shard(x, rank, dim=1).requires_grad_() for x in (q, k, v))
-            counters = AttentionCounters()
-            out, lse = usp_attention(
-                q, k, v, layout.positions(case.seq, rank), layout.shard(doc_ids(case), rank, dim=-1),
-                *groups.usp_groups, causal=case.causal, window=case.window, counters=counters,
-            )
-            out.backward(layout.shard(dout, rank, dim=1))
-            results[degree, case.name] = dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad,
-                                              phases=counters.per_phase)
+            results[degree, case.name] = run_sharded(usp, get_layout(case.layout, world), rank,
+                                                     *full_tensors(case), doc_ids(case), case.causal, case.window)
     # build_attention factors the default group itself when given ulysses_size.
     attn = build_attention("usp", get_layout("striped", world), ulysses_size=DEGREES[world][-1])
     x = torch.randn(1, 8, 4, 8, dtype=torch.float64)
