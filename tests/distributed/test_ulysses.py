@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lctrain.attention import get_layout, reference_attention
+from lctrain.attention import get_layout
 from lctrain.attention.counters import AttentionCounters, count_visible_pairs
 from lctrain.attention.ulysses import check_ulysses_inputs, ulysses_attention, usable_degrees
 from tests.dist_utils import run_ranks
-from tests.distributed.shard_case import run_sharded
+from tests.distributed.shard_case import assert_unsharded_close, reference_results, run_sharded
 
 BATCH = 2  # > 1 so a mix-up of batch and rank dims in the all-to-all shows
 SEQ_LEN = 24  # a multiple of 2P for P = 1, 2, 4 (zigzag)
@@ -135,25 +135,12 @@ PARAMS = [pytest.param(ws, pos, i, case, id=f"P{ws}-{case[0]}-{'causal' if case[
 
 def reference(case_index, case):
     _layout, causal, _kv, docs, window, _dtype = case
-    q, k, v, dout = make_inputs(case_index, case)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out, lse = reference_attention(q, k, v, causal=causal, doc_ids=doc_ids(docs), window=window)
-    out.backward(dout)
-    return {"out": out.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    return reference_results(*make_inputs(case_index, case), causal, doc_ids(docs), window)
 
 
 def check_against_reference(per_rank, case_index, case):
-    world_size = len(per_rank)
-    layout = get_layout(case[0], world_size)
-    expected = reference(case_index, case)
-    tol = TOLERANCE[case[5]]
-    for name in ("out", "lse", "dq", "dk", "dv"):
-        dim = 2 if name == "lse" else 1
-        got = layout.unshard([r[name] for r in per_rank], dim=dim)
-        assert got.dtype == expected[name].dtype, name
-        assert got.shape == expected[name].shape, name
-        assert not got.isnan().any(), f"{name} has NaN"
-        torch.testing.assert_close(got, expected[name], atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+    layout = get_layout(case[0], len(per_rank))
+    assert_unsharded_close(per_rank, layout, reference(case_index, case), TOLERANCE[case[5]])
     return layout
 
 
