@@ -4,7 +4,8 @@
 its GQA group and over the query tiles its key tile may see, accumulating dK and dV in float32.
 ``_attn_bwd_dq``: one program per (query tile, batch * head) loops over the key tiles, as the
 forward does. Both recompute probabilities from the externally supplied (merged) ``lse`` and
-skip tiles with the same coordinate summaries as the forward (see ``triton_attention``).
+split their loops into masked and fully visible spans exactly as the forward does (see
+``triton_attention`` and ``triton_plan``).
 """
 
 from __future__ import annotations
@@ -12,162 +13,136 @@ from __future__ import annotations
 import torch
 
 from .triton_attention import (
-    DKDV_CONFIGS, DQ_CONFIGS, LOG2E, interpret_mode, common_consts, coord_args, kernel_inputs, launch,
-    plan, tl,
+    _load_coords, _load_rows, _mask_query_rows, _store_rows, _tile_ranges, _visible,
 )
+from .triton_launch import DKDV_CONFIGS, DQ_CONFIGS, LOG2E, common_consts, device_fn, interpret_mode, kernel_inputs, launch, tl
+from .triton_plan import coord_args, plan
+
+
+@device_fn
+def _row_stats(LSE, DELTA, start, seq_q, CHECK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """lse (in log2 units) and delta of query rows [start, start + BLOCK). A row that saw no key
+    anywhere (lse -inf) gets lse +inf, so its probabilities exp2(s - lse) are 0."""
+    rows = tl.arange(0, BLOCK)
+    if CHECK_ROWS:
+        inside = rows < seq_q - start
+        lse = tl.load(LSE + start + rows, mask=inside, other=float("inf"))
+        delta = tl.load(DELTA + start + rows, mask=inside, other=0.0)
+    else:
+        lse = tl.load(LSE + start + rows)
+        delta = tl.load(DELTA + start + rows)
+    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634, delta
+
+
+@device_fn
+def _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, Q, DO, LSE, DELTA, QPOS, QDOC, s_qs, seq_q, scale_log2, window,
+                first, last, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK, dV of one key tile from query tiles [first, last) of one head (scores transposed)."""
+    for qt in range(first, last):
+        start_m = qt * BLOCK_M
+        q = _load_rows(Q, start_m, s_qs, seq_q, MASKED, HEAD_DIM, BLOCK_D, BLOCK_M)
+        do = _load_rows(DO, start_m, s_qs, seq_q, MASKED, HEAD_DIM, BLOCK_D, BLOCK_M)
+        lse, delta = _row_stats(LSE, DELTA, start_m, seq_q, MASKED, BLOCK_M)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2
+        if MASKED:
+            q_pos, q_doc = _load_coords(QPOS, QDOC, start_m, seq_q, -1, BLOCK_M)
+            vis = _visible(q_pos[None, :], q_doc[None, :], k_pos[:, None], k_doc[:, None], window, CAUSAL, HAS_WINDOW)
+            s_t = tl.where(vis, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@device_fn
+def _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, KPOS, KDOC, s_ks, s_vs, seq_k, scale_log2, window,
+              first, last, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query tile from key tiles [first, last)."""
+    for kt in range(first, last):
+        start_n = kt * BLOCK_N
+        k = _load_rows(K, start_n, s_ks, seq_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
+        v = _load_rows(V, start_n, s_vs, seq_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        if MASKED:
+            s = _mask_query_rows(s, q_pos, q_doc, KPOS, KDOC, start_n, seq_k, window, CAUSAL, HAS_WINDOW, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
 
 
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, QDOC, KPOS, KDOC, QINFO, KINFO,
                    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                    s_cq, s_ck, s_iq, s_ik, num_q_runs, num_k_runs, num_heads, num_kv_heads, group,
-                   seq_q, seq_k, head_dim, scale, scale_log2, window, TUNE_SQ, TUNE_SK,
-                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr,
+                   seq_q, seq_k, scale, scale_log2, window, TUNE_SQ, TUNE_SK,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    LEVEL_M: tl.constexpr, LEVEL_N: tl.constexpr):
-    pid_n = tl.program_id(0).to(tl.int64)  # int64 offsets: > 2**31 elements at long context
+    pid_n = tl.program_id(0).to(tl.int64)  # int64 bases: > 2**31 elements at long context
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_kv_heads
     hk = pid_bh % num_kv_heads
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    in_n = offs_n < seq_k
-    in_d = offs_d < head_dim
-    kv_mask = in_n[:, None] & in_d[None, :]
-    k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-    k_pos = tl.load(KPOS + b * s_ck + offs_n, mask=in_n, other=0)
-    k_doc = tl.load(KDOC + b * s_ck + offs_n, mask=in_n, other=-2)
-    ki = KINFO + b * s_ik + (LEVEL_N * num_k_runs + pid_n) * 8
-    kp_min, kp_max = tl.load(ki + 0), tl.load(ki + 1)
-    kd_min, kd_max, kd_lo = tl.load(ki + 2), tl.load(ki + 3), tl.load(ki + 4)
-    qt_lo = (tl.load(ki + 5) // BLOCK_M)
-    qt_hi = ((tl.load(ki + 6) + BLOCK_M - 1) // BLOCK_M)
+    start_n = pid_n * BLOCK_N
+    k = _load_rows(K + b * s_kb + hk * s_kh, start_n, s_ks, seq_k, True, HEAD_DIM, BLOCK_D, BLOCK_N)
+    v = _load_rows(V + b * s_vb + hk * s_vh, start_n, s_vs, seq_k, True, HEAD_DIM, BLOCK_D, BLOCK_N)
+    k_pos, k_doc = _load_coords(KPOS + b * s_ck, KDOC + b * s_ck, start_n, seq_k, -2, BLOCK_N)
+    lo, full_lo, full_hi, hi = _tile_ranges(KINFO + b * s_ik + (LEVEL_N * num_k_runs + pid_n) * 4, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qpos_base, qdoc_base = QPOS + b * s_cq, QDOC + b * s_cq
     for g in range(0, group):
         h = hk * group + g
-        for qt in range(qt_lo, qt_hi):
-            qi = QINFO + b * s_iq + (LEVEL_M * num_q_runs + qt) * 8
-            qp_min, qp_max = tl.load(qi + 0), tl.load(qi + 1)
-            qd_min, qd_max, qd_lo = tl.load(qi + 2), tl.load(qi + 3), tl.load(qi + 4)
-            may = (qd_max != -1) & (kd_max != -1) & (qd_lo <= kd_max) & (kd_lo <= qd_max)
-            if CAUSAL:
-                may = may & (kp_min <= qp_max)
-            if HAS_WINDOW:
-                may = may & (qp_min - kp_max < window)
-                if not CAUSAL:
-                    may = may & (kp_min - qp_max < window)
-            if may:
-                offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-                in_m = offs_m < seq_q
-                q_mask = in_m[:, None] & in_d[None, :]
-                q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(DO + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + offs_d[None, :], mask=q_mask, other=0.0)
-                lse = tl.load(LSE + (b * num_heads + h) * seq_q + offs_m, mask=in_m, other=float("inf"))
-                # A row that saw no key anywhere (lse -inf) gets probabilities exp2(s - inf) = 0.
-                lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-                delta = tl.load(DELTA + (b * num_heads + h) * seq_q + offs_m, mask=in_m, other=0.0)
-                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2
-                full = (qd_min == qd_max) & (kd_min == kd_max) & (qd_min == kd_min)
-                full = full & ((pid_n + 1) * BLOCK_N <= seq_k)
-                if CAUSAL:
-                    full = full & (kp_max <= qp_min)
-                if HAS_WINDOW:
-                    full = full & (qp_max - kp_min < window)
-                    if not CAUSAL:
-                        full = full & (kp_max - qp_min < window)
-                if not full:
-                    q_pos = tl.load(QPOS + b * s_cq + offs_m, mask=in_m, other=0)
-                    q_doc = tl.load(QDOC + b * s_cq + offs_m, mask=in_m, other=-1)
-                    vis = (k_doc[:, None] == q_doc[None, :]) & (q_doc[None, :] != -1)
-                    dist = q_pos[None, :] - k_pos[:, None]
-                    if CAUSAL:
-                        vis = vis & (dist >= 0)
-                    if HAS_WINDOW:
-                        vis = vis & (dist < window) & (dist > -window)
-                    s_t = tl.where(vis, s_t, float("-inf"))
-                p_t = tl.math.exp2(s_t - lse[None, :])
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    out_mask = in_n[:, None] & in_d[None, :]
-    tl.store(DK + b * s_db + offs_n[:, None] * s_ds + hk * s_dh + offs_d[None, :], dk * scale, mask=out_mask)
-    tl.store(DV + b * s_db + offs_n[:, None] * s_ds + hk * s_dh + offs_d[None, :], dv, mask=out_mask)
+        q_base, do_base = Q + b * s_qb + h * s_qh, DO + b * s_qb + h * s_qh
+        lse_base, delta_base = LSE + (b * num_heads + h) * seq_q, DELTA + (b * num_heads + h) * seq_q
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, q_base, do_base, lse_base, delta_base, qpos_base,
+                             qdoc_base, s_qs, seq_q, scale_log2, window, lo, full_lo, True, CAUSAL, HAS_WINDOW,
+                             HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, q_base, do_base, lse_base, delta_base, qpos_base,
+                             qdoc_base, s_qs, seq_q, scale_log2, window, full_lo, full_hi, False, CAUSAL,
+                             HAS_WINDOW, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, k_doc, q_base, do_base, lse_base, delta_base, qpos_base,
+                             qdoc_base, s_qs, seq_q, scale_log2, window, full_hi, hi, True, CAUSAL, HAS_WINDOW,
+                             HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_M)
+    _store_rows(DK + b * s_db + hk * s_dh, start_n, s_ds, seq_k, dk * scale, HEAD_DIM, BLOCK_D, BLOCK_N)
+    _store_rows(DV + b * s_db + hk * s_dh, start_n, s_ds, seq_k, dv, HEAD_DIM, BLOCK_D, BLOCK_N)
 
 
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, QDOC, KPOS, KDOC, QINFO, KINFO,
                  s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_db, s_ds, s_dh,
                  s_cq, s_ck, s_iq, s_ik, num_q_runs, num_k_runs, num_heads, group, seq_q, seq_k,
-                 head_dim, scale, scale_log2, window, TUNE_SQ, TUNE_SK,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr,
+                 scale, scale_log2, window, TUNE_SQ, TUNE_SK,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  LEVEL_M: tl.constexpr, LEVEL_N: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)  # int64 offsets: > 2**31 elements at long context
+    pid_m = tl.program_id(0).to(tl.int64)  # int64 bases: > 2**31 elements at long context
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    in_m = offs_m < seq_q
-    in_d = offs_d < head_dim
-    q_mask = in_m[:, None] & in_d[None, :]
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh * seq_q + offs_m, mask=in_m, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bh * seq_q + offs_m, mask=in_m, other=0.0)
-    q_pos = tl.load(QPOS + b * s_cq + offs_m, mask=in_m, other=0)
-    q_doc = tl.load(QDOC + b * s_cq + offs_m, mask=in_m, other=-1)
-    qi = QINFO + b * s_iq + (LEVEL_M * num_q_runs + pid_m) * 8
-    qp_min, qp_max = tl.load(qi + 0), tl.load(qi + 1)
-    qd_min, qd_max, qd_lo = tl.load(qi + 2), tl.load(qi + 3), tl.load(qi + 4)
-    kt_lo = (tl.load(qi + 5) // BLOCK_N)
-    kt_hi = ((tl.load(qi + 6) + BLOCK_N - 1) // BLOCK_N)
+    start_m = pid_m * BLOCK_M
+    q = _load_rows(Q + b * s_qb + h * s_qh, start_m, s_qs, seq_q, True, HEAD_DIM, BLOCK_D, BLOCK_M)
+    do = _load_rows(DO + b * s_qb + h * s_qh, start_m, s_qs, seq_q, True, HEAD_DIM, BLOCK_D, BLOCK_M)
+    lse, delta = _row_stats(LSE + pid_bh * seq_q, DELTA + pid_bh * seq_q, start_m, seq_q, True, BLOCK_M)
+    q_pos, q_doc = _load_coords(QPOS + b * s_cq, QDOC + b * s_cq, start_m, seq_q, -1, BLOCK_M)
+    lo, full_lo, full_hi, hi = _tile_ranges(QINFO + b * s_iq + (LEVEL_M * num_q_runs + pid_m) * 4, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for kt in range(kt_lo, kt_hi):
-        ki = KINFO + b * s_ik + (LEVEL_N * num_k_runs + kt) * 8
-        kp_min, kp_max = tl.load(ki + 0), tl.load(ki + 1)
-        kd_min, kd_max, kd_lo = tl.load(ki + 2), tl.load(ki + 3), tl.load(ki + 4)
-        may = (qd_max != -1) & (kd_max != -1) & (qd_lo <= kd_max) & (kd_lo <= qd_max)
-        if CAUSAL:
-            may = may & (kp_min <= qp_max)
-        if HAS_WINDOW:
-            may = may & (qp_min - kp_max < window)
-            if not CAUSAL:
-                may = may & (kp_min - qp_max < window)
-        if may:
-            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            in_n = offs_n < seq_k
-            kv_mask = in_n[:, None] & in_d[None, :]
-            k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-            full = (qd_min == qd_max) & (kd_min == kd_max) & (qd_min == kd_min) & ((kt + 1) * BLOCK_N <= seq_k)
-            if CAUSAL:
-                full = full & (kp_max <= qp_min)
-            if HAS_WINDOW:
-                full = full & (qp_max - kp_min < window)
-                if not CAUSAL:
-                    full = full & (kp_max - qp_min < window)
-            if not full:
-                k_pos = tl.load(KPOS + b * s_ck + offs_n, mask=in_n, other=0)
-                k_doc = tl.load(KDOC + b * s_ck + offs_n, mask=in_n, other=-2)
-                vis = (q_doc[:, None] == k_doc[None, :]) & (q_doc[:, None] != -1)
-                dist = q_pos[:, None] - k_pos[None, :]
-                if CAUSAL:
-                    vis = vis & (dist >= 0)
-                if HAS_WINDOW:
-                    vis = vis & (dist < window) & (dist > -window)
-                s = tl.where(vis, s, float("-inf"))
-            p = tl.math.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    tl.store(DQ + b * s_db + offs_m[:, None] * s_ds + h * s_dh + offs_d[None, :], dq * scale, mask=q_mask)
+    k_base, v_base = K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh
+    kpos_base, kdoc_base = KPOS + b * s_ck, KDOC + b * s_ck
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, k_base, v_base, kpos_base, kdoc_base, s_ks, s_vs, seq_k,
+                   scale_log2, window, lo, full_lo, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, k_base, v_base, kpos_base, kdoc_base, s_ks, s_vs, seq_k,
+                   scale_log2, window, full_lo, full_hi, False, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_D, DOT_PREC,
+                   BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, k_base, v_base, kpos_base, kdoc_base, s_ks, s_vs, seq_k,
+                   scale_log2, window, full_hi, hi, True, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_N)
+    _store_rows(DQ + b * s_db + h * s_dh, start_m, s_ds, seq_q, dq * scale, HEAD_DIM, BLOCK_D, BLOCK_M)
 
 
 DKDV_SPEC = (_attn_bwd_dkdv, DKDV_CONFIGS, "BLOCK_M", "BLOCK_N")
@@ -195,7 +170,7 @@ def backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window
     qp, qd, kp, kd, q_info, k_info = plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, q.device)
     common = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
     coords = coord_args(qp, kp, q_info, k_info)
-    tail = [seq_q, seq_k, head_dim, scale, scale * LOG2E, window or 0]
+    tail = [seq_q, seq_k, scale, scale * LOG2E, window or 0]
     consts = common_consts(q, seq_q, seq_k, causal, window)
     launch(DKDV_SPEC, "BLOCK_N", (seq_k, batch * num_kv_heads),
            [q, k, v, dout, lse, delta, dk, dv, qp, qd, kp, kd, q_info, k_info, *common, *dk.stride()[:3],

@@ -233,29 +233,58 @@ def test_fp64_rejected_with_fix(results):
 # ------------------------------------------------------------------ planning (in-process, torch only)
 
 
-@pytest.mark.parametrize("name", ["causal_mqa_docs", "window_noncausal", "odd_offset_docs", "striped",
-                                  "padding_batched", "left_padding", "unsorted_coords", "striped_window"])
-def test_spans_cover_visible_pairs_and_skip_masked_tiles(name):
-    """Every visible pair lies inside its tiles' spans, at every pyramid level; with sorted
-    packed documents and contiguous positions the spans are exact (no wasted key tiles)."""
+PLAN_CASES = ["causal_mha", "causal_mqa_docs", "noncausal_docs", "window_causal", "window_noncausal",
+              "odd_offset_docs", "striped", "padding_batched", "left_padding", "unsorted_coords",
+              "striped_window", "fully_masked_rows"]
+
+
+def _spans_by_tile(name):
+    """Per (side, row, level, tile): the plan's may/full spans and the visible pairs' truth."""
     from lctrain_kernels.mask import visible_mask
-    from lctrain_kernels.triton_attention import LEVEL_BLOCKS, plan
+    from lctrain_kernels.triton_plan import LEVEL_BLOCKS, plan
 
     c = make_case(name)
     coords = (c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"])
     qp, qd, kp, kd, q_info, k_info = plan(*coords, c["causal"], c["window"], c["b"], torch.device("cpu"))
     visible = visible_mask(qp, kp, qd, kd, c["causal"], c["window"])  # (rows, sq, sk)
-    exact = name in ("causal_mqa_docs", "odd_offset_docs")
     for level, block in enumerate(LEVEL_BLOCKS[:3]):
         for info, vis in ((q_info, visible), (k_info, visible.transpose(1, 2))):
             for row in range(vis.shape[0]):
                 for tile in range(-(-vis.shape[1] // block)):
-                    lo, hi = info[row, level, tile, 5:7].tolist()
-                    seen = vis[row, tile * block:(tile + 1) * block].any(0).nonzero().flatten().tolist()
-                    if seen:
-                        assert lo <= seen[0] and seen[-1] < hi, (name, level, tile, lo, hi)
-                    if exact:
-                        assert (lo, hi) == ((seen[0], seen[-1] + 1) if seen else (vis.shape[2], 0))
+                    tile_vis = vis[row, tile * block:(tile + 1) * block]
+                    yield (level, tile), info[row, level, tile].tolist(), tile_vis
+
+
+@pytest.mark.parametrize("name", PLAN_CASES)
+def test_may_spans_cover_visible_pairs(name):
+    """Every visible pair lies inside its tiles' "may" spans, at every pyramid level; with
+    sorted packed documents and contiguous positions the spans are exact."""
+    exact = name in ("causal_mha", "causal_mqa_docs", "odd_offset_docs")
+    for where, (lo, hi, _, _), tile_vis in _spans_by_tile(name):
+        seen = tile_vis.any(0).nonzero().flatten().tolist()
+        if seen:
+            assert lo <= seen[0] and seen[-1] < hi, (name, where, lo, hi)
+        if exact:
+            assert (lo, hi) == ((seen[0], seen[-1] + 1) if seen else (tile_vis.shape[1], 0))
+
+
+@pytest.mark.parametrize("name", PLAN_CASES)
+def test_full_spans_are_fully_visible(name):
+    """The kernels run "full" spans without any mask, so every pair there must be visible (for
+    every real token of the tile); and with sorted coordinates the spans are the largest such."""
+    nonempty = 0
+    for where, (_, _, full_lo, full_hi), tile_vis in _spans_by_tile(name):
+        if full_hi > full_lo:
+            nonempty += 1
+            assert tile_vis[:, full_lo:full_hi].all(), (name, where, full_lo, full_hi)
+        if name in ("causal_mha", "causal_mqa_docs", "window_causal", "noncausal_docs", "striped"):
+            all_rows = tile_vis.all(0).nonzero().flatten().tolist()
+            # the largest run of keys visible from every row, when it is contiguous
+            if all_rows and all_rows == list(range(all_rows[0], all_rows[-1] + 1)):
+                assert (full_lo, full_hi) == (all_rows[0], all_rows[-1] + 1), (name, where)
+    # tiles of 16+ tokens there lie inside one document with keys all of them see
+    if name in ("causal_mha", "odd_offset_docs", "striped", "padding_batched", "striped_window"):
+        assert nonempty, "expected some fully visible spans"
 
 
 if __name__ == "__main__":
