@@ -65,6 +65,15 @@ def make_case(name):
                                 k_doc=torch.stack([one, torch.where(ar < 30, docs, -1)])),
         "left_padding": dict(q_doc=torch.where(ar < 19, -1, docs), k_doc=torch.where(ar < 19, -1, docs)),
         "fully_masked_rows": dict(h=2, hk=1, k_pos=ar + 24),
+        # padding inside a document: fully visible spans must stop at it
+        "mid_padding": dict(h=4, hk=2, q_doc=torch.where((ar >= 26) & (ar < 29), -1, one),
+                            k_doc=torch.where((ar >= 26) & (ar < 29), -1, one)),
+        # long documents: several fully visible tiles between masked ones, in every kernel
+        "long_docs": dict(sq=160, sk=160, h=4, hk=1, q_pos=torch.arange(160), k_pos=torch.arange(160),
+                          q_doc=packed_docs(160, [100]), k_doc=packed_docs(160, [100])),
+        "long_docs_window": dict(sq=160, sk=160, h=2, hk=1, q_pos=torch.arange(160), k_pos=torch.arange(160),
+                                 q_doc=packed_docs(160, [100]), k_doc=packed_docs(160, [100]), window=70,
+                                 causal=False),
         "unsorted_coords": dict(q_pos=ar.flip(0), k_pos=ar[torch.randperm(48, generator=torch.Generator().manual_seed(1))],
                                 q_doc=docs.flip(0) % 3, k_doc=docs % 3),
         "blocks_32_16": dict(sq=67, sk=131, q_pos=k131[64:], k_pos=k131, q_doc=d131[64:], k_doc=d131, blocks=(32, 16)),
@@ -80,7 +89,8 @@ def make_case(name):
 
 CASES = ["causal_mha", "noncausal_gqa4", "causal_mqa_docs", "noncausal_docs", "window_causal",
          "window_noncausal", "odd_offset_docs", "odd_offset_noncausal", "striped", "striped_window",
-         "padding_batched", "left_padding", "fully_masked_rows", "unsorted_coords", "blocks_32_16",
+         "padding_batched", "left_padding", "fully_masked_rows", "mid_padding", "long_docs", "long_docs_window",
+         "unsorted_coords", "blocks_32_16",
          "fp16_gqa_docs", "bf16_noncausal", "head_dim_32", "head_dim_64", "head_dim_96", "head_dim_128",
          "head_dim_256"]
 AUTOGRAD_CASES = {"causal_mqa_docs", "padding_batched", "bf16_noncausal"}
@@ -235,7 +245,7 @@ def test_fp64_rejected_with_fix(results):
 
 PLAN_CASES = ["causal_mha", "causal_mqa_docs", "noncausal_docs", "window_causal", "window_noncausal",
               "odd_offset_docs", "striped", "padding_batched", "left_padding", "unsorted_coords",
-              "striped_window", "fully_masked_rows"]
+              "striped_window", "fully_masked_rows", "mid_padding", "long_docs", "long_docs_window"]
 
 
 def _spans_by_tile(name):
@@ -277,13 +287,15 @@ def test_full_spans_are_fully_visible(name):
         if full_hi > full_lo:
             nonempty += 1
             assert tile_vis[:, full_lo:full_hi].all(), (name, where, full_lo, full_hi)
-        if name in ("causal_mha", "causal_mqa_docs", "window_causal", "noncausal_docs", "striped"):
+        if name in ("causal_mha", "causal_mqa_docs", "window_causal", "noncausal_docs", "striped", "mid_padding",
+                    "long_docs", "long_docs_window"):
             all_rows = tile_vis.all(0).nonzero().flatten().tolist()
             # the largest run of keys visible from every row, when it is contiguous
             if all_rows and all_rows == list(range(all_rows[0], all_rows[-1] + 1)):
                 assert (full_lo, full_hi) == (all_rows[0], all_rows[-1] + 1), (name, where)
     # tiles of 16+ tokens there lie inside one document with keys all of them see
-    if name in ("causal_mha", "odd_offset_docs", "striped", "padding_batched", "striped_window"):
+    if name in ("causal_mha", "odd_offset_docs", "striped", "padding_batched", "striped_window", "mid_padding",
+                "long_docs", "long_docs_window"):
         assert nonempty, "expected some fully visible spans"
 
 
