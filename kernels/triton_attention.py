@@ -93,6 +93,20 @@ def _mask_query_rows(s, q_pos, q_doc, KPOS, KDOC, start_n, seq_k, window, CAUSAL
 
 
 @device_fn
+def _key_tile(q, q_pos, q_doc, K, V, KPOS, KDOC, s_ks, s_vs, seq_k, scale_log2, window, start_n,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V of the key tile at start_n and the query tile's scores against it (log2 units,
+    invisible pairs at -inf when ``MASKED``)."""
+    k = _load_rows(K, start_n, s_ks, seq_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
+    v = _load_rows(V, start_n, s_vs, seq_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    if MASKED:
+        s = _mask_query_rows(s, q_pos, q_doc, KPOS, KDOC, start_n, seq_k, window, CAUSAL, HAS_WINDOW, BLOCK_N)
+    return k, v, s
+
+
+@device_fn
 def _tile_ranges(info, BLOCK: tl.constexpr):
     """Tile indexes (lo, full_lo, full_hi, hi) of the other side: masked [lo, full_lo),
     full [full_lo, full_hi), masked [full_hi, hi). Full tiles are whole tiles inside the span."""
@@ -109,12 +123,9 @@ def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, KPOS, KDOC, s_ks, s_vs, seq
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over key tiles [first, last); ``MASKED`` applies the mask rule."""
     for kt in range(first, last):
-        start_n = kt * BLOCK_N
-        k = _load_rows(K, start_n, s_ks, seq_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
-        v = _load_rows(V, start_n, s_vs, seq_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        _, v, s = _key_tile(q, q_pos, q_doc, K, V, KPOS, KDOC, s_ks, s_vs, seq_k, scale_log2, window,
+                            kt * BLOCK_N, MASKED, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_N)
         if MASKED:
-            s = _mask_query_rows(s, q_pos, q_doc, KPOS, KDOC, start_n, seq_k, window, CAUSAL, HAS_WINDOW, BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows that saw nothing yet keep max -inf: shift by 0 so exp2 gives 0, not NaN.
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)

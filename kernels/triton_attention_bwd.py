@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_attention import (
-    _load_coords, _load_rows, _mask_query_rows, _store_rows, _tile_ranges, _visible,
-)
+from .triton_attention import _key_tile, _load_coords, _load_rows, _store_rows, _tile_ranges, _visible
 from .triton_launch import DKDV_CONFIGS, DQ_CONFIGS, LOG2E, common_consts, device_fn, interpret_mode, kernel_inputs, launch, tl
 from .triton_plan import coord_args, plan
 
@@ -63,12 +61,8 @@ def _dq_tiles(dq, q, do, lse, delta, q_pos, q_doc, K, V, KPOS, KDOC, s_ks, s_vs,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile from key tiles [first, last)."""
     for kt in range(first, last):
-        start_n = kt * BLOCK_N
-        k = _load_rows(K, start_n, s_ks, seq_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
-        v = _load_rows(V, start_n, s_vs, seq_k, MASKED, HEAD_DIM, BLOCK_D, BLOCK_N)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        if MASKED:
-            s = _mask_query_rows(s, q_pos, q_doc, KPOS, KDOC, start_n, seq_k, window, CAUSAL, HAS_WINDOW, BLOCK_N)
+        k, v, s = _key_tile(q, q_pos, q_doc, K, V, KPOS, KDOC, s_ks, s_vs, seq_k, scale_log2, window,
+                            kt * BLOCK_N, MASKED, CAUSAL, HAS_WINDOW, HEAD_DIM, BLOCK_D, DOT_PREC, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
