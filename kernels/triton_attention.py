@@ -189,11 +189,12 @@ FWD_SPEC = (_attn_fwd, FWD_CONFIGS, "BLOCK_N", "BLOCK_M")
 
 
 def triton_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, causal=True, window=None, scale=None,
-                   block_q=None, block_k=None, out_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   block_q=None, block_k=None, out_dtype=None, tile_plan=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``blockwise_forward``: out (b, sq, h, d) in q's dtype, lse (b, h, sq)
     float32, -inf (and out 0) for rows that see no key. ``block_q``/``block_k`` fix the tiles
     (powers of two >= 16) instead of autotuning; ``out_dtype`` (e.g. float32) keeps a partial
-    output unrounded for a later merge."""
+    output unrounded for a later merge. ``tile_plan``: ``triton_plan.plan``'s result for these
+    coordinates, to share one plan between a forward and its backward."""
     require_triton()
     check_inputs(q, k, v, window)
     batch, seq_q, num_heads, head_dim = q.shape
@@ -206,7 +207,7 @@ def triton_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, causal=True, window=None
     q, k, v = kernel_inputs(interpret, q, k, v)
     # The kernel stores in its output's dtype: q's, or float32 when asked for.
     result = out if out.dtype in (q.dtype, torch.float32) else out.to(q.dtype)
-    qp, qd, kp, kd, q_info, k_info = plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, q.device)
+    qp, qd, kp, kd, q_info, k_info = tile_plan or plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, q.device)
     scale = default_scale(head_dim, scale)
     args = [q, k, v, result, lse, qp, qd, kp, kd, q_info, k_info,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *result.stride()[:3],
@@ -218,7 +219,7 @@ def triton_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, causal=True, window=None
 
 
 def triton_backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal=True, window=None,
-                    scale=None, delta=None, block_q=None, block_k=None):
+                    scale=None, delta=None, block_q=None, block_k=None, tile_plan=None):
     """Same contract as ``blockwise_backward``: ``lse`` (b, h, sq) may be the merged lse over all
     key blocks; ``delta`` (b, h, sq) = rowsum(dout * out) is computed when None. Returns dq
     (b, sq, h, d), dk and dv (b, sk, h_kv, d) in float32, dk/dv summed over each GQA group."""
@@ -227,7 +228,7 @@ def triton_backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal=
     require_triton()
     check_inputs(q, k, v, window)
     return backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window,
-                    default_scale(q.shape[3], scale), delta, block_q, block_k)
+                    default_scale(q.shape[3], scale), delta, block_q, block_k, tile_plan)
 
 
 class TritonAttentionFunction(torch.autograd.Function):
@@ -235,9 +236,14 @@ class TritonAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k):
-        out, lse = triton_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k)
+        # One tile plan for forward and backward (it is ~100 small device ops).
+        empty = q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] * q.shape[2] == 0
+        tile_plan = None if empty else plan(q_pos, k_pos, q_doc, k_doc, causal, window, q.shape[0], q.device)
+        out, lse = triton_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k,
+                                  tile_plan=tile_plan)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc)
         ctx.settings = (causal, window, scale, block_q, block_k)
+        ctx.tile_plan = tile_plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -246,7 +252,7 @@ class TritonAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
         causal, window, scale, block_q, block_k = ctx.settings
         dq, dk, dv = triton_backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window,
-                                     scale, block_q=block_q, block_k=block_k)
+                                     scale, block_q=block_q, block_k=block_k, tile_plan=ctx.tile_plan)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 9)
 
 

@@ -144,7 +144,7 @@ DQ_SPEC = (_attn_bwd_dq, DQ_CONFIGS, "BLOCK_N", "BLOCK_M")
 
 
 def backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window, scale, delta,
-             block_q, block_k):
+             block_q, block_k, tile_plan=None):
     """See ``triton_attention.triton_backward`` (inputs already checked, scale resolved)."""
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
@@ -161,7 +161,7 @@ def backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window
     q, k, v, dout = kernel_inputs(interpret, q, k, v, dout.to(q.dtype))
     if dout.stride() != q.stride():  # the kernels read dO with q's strides
         dout, q = dout.contiguous(), q.contiguous()
-    qp, qd, kp, kd, q_info, k_info = plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, q.device)
+    qp, qd, kp, kd, q_info, k_info = tile_plan or plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, q.device)
     common = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
     coords = coord_args(qp, kp, q_info, k_info)
     tail = [seq_q, seq_k, scale, scale * LOG2E, window or 0]
