@@ -21,7 +21,7 @@ import torch
 
 from .reference import default_scale
 from .triton_launch import (
-    FWD_CONFIGS, LOG2E, check_inputs, common_consts, device_fn, interpret_mode,
+    FWD_CONFIGS, LOG2E, NO_BOUND, check_inputs, common_consts, device_fn, interpret_mode,
     kernel_inputs, launch, require_triton, tl,
 )
 from .triton_plan import coord_args, plan
@@ -107,13 +107,19 @@ def _key_tile(q, q_pos, q_doc, K, V, KPOS, KDOC, s_ks, s_vs, seq_k, scale_log2, 
 
 
 @device_fn
-def _tile_ranges(info, BLOCK: tl.constexpr):
-    """Tile indexes (lo, full_lo, full_hi, hi) of the other side: masked [lo, full_lo),
-    full [full_lo, full_hi), masked [full_hi, hi). Full tiles are whole tiles inside the span."""
-    lo = tl.load(info) // BLOCK
-    hi = (tl.load(info + 1) + BLOCK - 1) // BLOCK
-    full_lo = tl.minimum(tl.maximum((tl.load(info + 2) + BLOCK - 1) // BLOCK, lo), hi)
-    full_hi = tl.minimum(tl.maximum(tl.load(info + 3) // BLOCK, full_lo), hi)
+def _tile_ranges(INFO, tile, num_runs, BLOCK_THIS: tl.constexpr, BLOCK: tl.constexpr):
+    """Tile indexes (lo, full_lo, full_hi, hi) of the other side for this side's tile: masked
+    [lo, full_lo), full [full_lo, full_hi), masked [full_hi, hi). Merges the tile's 16-token
+    runs from the plan; full tiles are whole tiles inside the span."""
+    runs = tile * (BLOCK_THIS // 16) + tl.arange(0, BLOCK_THIS // 16)
+    inside = runs < num_runs
+    row = INFO + runs * 4
+    lo = tl.min(tl.load(row, mask=inside, other=NO_BOUND), 0) // BLOCK
+    hi = (tl.max(tl.load(row + 1, mask=inside, other=0), 0) + BLOCK - 1) // BLOCK
+    full_lo = tl.max(tl.load(row + 2, mask=inside, other=0), 0)
+    full_hi = tl.min(tl.load(row + 3, mask=inside, other=NO_BOUND), 0)
+    full_lo = tl.minimum(tl.maximum((full_lo + BLOCK - 1) // BLOCK, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi // BLOCK, full_lo), hi)
     return lo, full_lo, full_hi, hi
 
 
@@ -148,8 +154,7 @@ def _attn_fwd(Q, K, V, O, LSE, QPOS, QDOC, KPOS, KDOC, QINFO, KINFO,
               s_cq, s_ck, s_iq, s_ik, num_q_runs, num_k_runs, num_heads, group, seq_q, seq_k,
               scale_log2, window, TUNE_SQ, TUNE_SK,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              LEVEL_M: tl.constexpr, LEVEL_N: tl.constexpr):
+              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)  # int64 bases: > 2**31 elements at long context
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
@@ -158,7 +163,7 @@ def _attn_fwd(Q, K, V, O, LSE, QPOS, QDOC, KPOS, KDOC, QINFO, KINFO,
     start_m = pid_m * BLOCK_M
     q = _load_rows(Q + b * s_qb + h * s_qh, start_m, s_qs, seq_q, True, HEAD_DIM, BLOCK_D, BLOCK_M)
     q_pos, q_doc = _load_coords(QPOS + b * s_cq, QDOC + b * s_cq, start_m, seq_q, -1, BLOCK_M)
-    lo, full_lo, full_hi, hi = _tile_ranges(QINFO + b * s_iq + (LEVEL_M * num_q_runs + pid_m) * 4, BLOCK_N)
+    lo, full_lo, full_hi, hi = _tile_ranges(QINFO + b * s_iq, pid_m, num_q_runs, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -75,8 +75,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, QDOC, KPOS, KDOC, QINF
                    s_cq, s_ck, s_iq, s_ik, num_q_runs, num_k_runs, num_heads, num_kv_heads, group,
                    seq_q, seq_k, scale, scale_log2, window, TUNE_SQ, TUNE_SK,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   LEVEL_M: tl.constexpr, LEVEL_N: tl.constexpr):
+                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)  # int64 bases: > 2**31 elements at long context
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_kv_heads
@@ -85,7 +84,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, QDOC, KPOS, KDOC, QINF
     k = _load_rows(K + b * s_kb + hk * s_kh, start_n, s_ks, seq_k, True, HEAD_DIM, BLOCK_D, BLOCK_N)
     v = _load_rows(V + b * s_vb + hk * s_vh, start_n, s_vs, seq_k, True, HEAD_DIM, BLOCK_D, BLOCK_N)
     k_pos, k_doc = _load_coords(KPOS + b * s_ck, KDOC + b * s_ck, start_n, seq_k, -2, BLOCK_N)
-    lo, full_lo, full_hi, hi = _tile_ranges(KINFO + b * s_ik + (LEVEL_N * num_k_runs + pid_n) * 4, BLOCK_M)
+    lo, full_lo, full_hi, hi = _tile_ranges(KINFO + b * s_ik, pid_n, num_k_runs, BLOCK_N, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -112,8 +111,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, QDOC, KPOS, KDOC, QINFO, KIN
                  s_cq, s_ck, s_iq, s_ik, num_q_runs, num_k_runs, num_heads, group, seq_q, seq_k,
                  scale, scale_log2, window, TUNE_SQ, TUNE_SK,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 LEVEL_M: tl.constexpr, LEVEL_N: tl.constexpr):
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)  # int64 bases: > 2**31 elements at long context
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
@@ -124,7 +122,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, QDOC, KPOS, KDOC, QINFO, KIN
     do = _load_rows(DO + b * s_qb + h * s_qh, start_m, s_qs, seq_q, True, HEAD_DIM, BLOCK_D, BLOCK_M)
     lse, delta = _row_stats(LSE + pid_bh * seq_q, DELTA + pid_bh * seq_q, start_m, seq_q, True, BLOCK_M)
     q_pos, q_doc = _load_coords(QPOS + b * s_cq, QDOC + b * s_cq, start_m, seq_q, -1, BLOCK_M)
-    lo, full_lo, full_hi, hi = _tile_ranges(QINFO + b * s_iq + (LEVEL_M * num_q_runs + pid_m) * 4, BLOCK_N)
+    lo, full_lo, full_hi, hi = _tile_ranges(QINFO + b * s_iq, pid_m, num_q_runs, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base, v_base = K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh

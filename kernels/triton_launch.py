@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .triton_plan import LEVEL_BLOCKS
+from .triton_plan import BIG, LEVEL_BLOCKS
 
 try:
     import triton
@@ -24,6 +24,7 @@ except ImportError:  # the modules stay importable; using a kernel raises
     triton = tl = None
 
 LOG2E = 1.4426950408889634
+NO_BOUND = BIG if tl is None else tl.constexpr(BIG)  # "no bound" inside kernels (a constexpr global)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_BLOCK = 16  # fixed small tiles under the interpreter: fast and many tiles per test
 
@@ -159,12 +160,11 @@ def _prune(streamed: str, kept: str):
 
 
 def blocks(block_m: int, block_n: int) -> dict:
-    """Block constexprs, with the pyramid level each block reads its summaries from."""
+    """Block constexprs (powers of two from 16 to 256: the kernels merge 16-token runs)."""
     for block in (block_m, block_n):
         if block not in LEVEL_BLOCKS:
             raise ValueError(f"triton block sizes must be one of {LEVEL_BLOCKS}, got {block}")
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n,
-            "LEVEL_M": LEVEL_BLOCKS.index(block_m), "LEVEL_N": LEVEL_BLOCKS.index(block_n)}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
 _KERNELS: dict = {}

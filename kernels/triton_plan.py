@@ -3,14 +3,14 @@
 For every run of ``SUB`` (16) tokens of each side the plan finds two token spans of the *other*
 side: the span that may hold visible tokens (tokens outside it are never loaded) and the span
 whose tokens are visible from every token of the run (those tiles skip the mask arithmetic).
-Runs then merge pairwise into a pyramid with one level per block size (spans union for "may",
-intersect for "full"), so a program reads its tile's four numbers in one row whatever block
-size the autotuner picked.
+A kernel program merges the runs of its tile (union of "may" spans, intersection of "full"
+spans), so the plan does not depend on the block sizes the autotuner picks.
 
 Searchsorted does the work, so the spans are exact when documents are non-decreasing (apart
 from -1 padding) and positions non-decreasing, as every layout produces. An unsorted side falls
 back to the whole side for "may" and to nothing for "full": slower, still exact. All of it
-stays on the device, with no host sync.
+stays on the device, with no host sync: about 130 small ops per call, shared by a forward and
+its backward when they go through ``TritonAttentionFunction``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from .mask import PAD_DOC, as_batched
 
 SUB = 16  # granularity of the run summaries: the smallest block size
-LEVEL_BLOCKS = (16, 32, 64, 128, 256)  # pyramid level i summarises tiles of LEVEL_BLOCKS[i] tokens
+LEVEL_BLOCKS = (16, 32, 64, 128, 256)  # the block sizes the kernels accept
 BIG = 1 << 62  # "no bound" for int64 coordinates
-# Per tile: may_lo, may_hi, full_lo, full_hi (token indexes of the other side). The kernels
-# read rows of 4 (a literal there: Triton kernels see only constexpr globals).
+# Per run: may_lo, may_hi, full_lo, full_hi (token indexes of the other side). The kernels
+# read rows of 4 (a literal there: Triton kernels see only constexpr globals) and merge the
+# runs of their tile: union of "may" spans, intersection of "full" spans.
 INFO_FIELDS = 4
 
 
@@ -120,38 +121,16 @@ def _position_bounds(runs: _Runs, causal: bool, window: int | None, query_side: 
     return (*may, *full)
 
 
-# How two tile summaries merge (union of "may" spans, intersection of "full" spans), and the
-# summary of a run past the end of the sequence, which merges as a no-op.
-_MERGE_MIN = torch.tensor([True, False, False, True])
-_NEUTRAL = (BIG, 0, 0, BIG)
-
-
-def _pyramid(runs: torch.Tensor) -> torch.Tensor:
-    """(rows, n, 4) run summaries -> (rows, levels, n, 4): level i merges 2**i runs."""
-    rows, num_runs, _ = runs.shape
-    neutral = torch.tensor(_NEUTRAL, dtype=runs.dtype, device=runs.device)
-    merge_min = _MERGE_MIN.to(runs.device)
-    out = neutral.expand(rows, len(LEVEL_BLOCKS), num_runs, INFO_FIELDS).clone()
-    level = runs
-    for index in range(len(LEVEL_BLOCKS)):
-        out[:, index, : level.shape[1]] = level
-        if level.shape[1] % 2:
-            level = torch.cat([level, neutral.expand(rows, 1, INFO_FIELDS)], dim=1)
-        pairs = level.view(rows, -1, 2, INFO_FIELDS)
-        level = torch.where(merge_min, pairs.amin(2), pairs.amax(2))
-    return out
-
-
 def _side_info(this_pos, this_doc, other: _Side, causal, window, query_side) -> torch.Tensor:
     runs = _runs(this_pos, this_doc)
     may_lower, may_upper, full_lower, full_upper = _position_bounds(runs, causal, window, query_side)
     spans = (*_may_span(runs, other, may_lower, may_upper), *_full_span(runs, other, full_lower, full_upper))
-    return _pyramid(torch.stack(spans, -1))
+    return torch.stack(spans, -1).contiguous()
 
 
 def plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, device):
     """(q_pos, q_doc, k_pos, k_doc) as (1 or b, s) int32 (rebased, see ``_kernel_coords``) and
-    the (1 or b, levels, runs, 4) int64 tile summaries of each side."""
+    the (1 or b, runs, 4) int64 run summaries of each side."""
     coords = [as_batched(c).to(device=device, dtype=torch.int64) for c in (q_pos, q_doc, k_pos, k_doc)]
     rows = max(c.shape[0] for c in coords)
     if rows not in (1, batch):
@@ -186,4 +165,4 @@ def coord_args(q_pos, k_pos, q_info, k_info) -> list[int]:
     shared = q_pos.shape[0] == 1
     return [0 if shared else q_pos.stride(0), 0 if shared else k_pos.stride(0),
             0 if shared else q_info.stride(0), 0 if shared else k_info.stride(0),
-            q_info.shape[2], k_info.shape[2]]
+            q_info.shape[1], k_info.shape[1]]
