@@ -13,6 +13,7 @@ causal / document block mask. Timed with triton.testing.do_bench (median ms).
 
     python bench/kernels.py                       # full run: bench/results/kernels.{json,png}
     python bench/kernels.py --seqs 1024 4096 --dims 128
+    python bench/kernels.py --targets             # the issue's targets only, with verdicts (minutes)
     python bench/kernels.py --dry-run             # CPU, Triton interpreter, tiny shapes, no files
 """
 
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lctrain_kernels.triton_attention import triton_backward, triton_forward  # noqa: E402
+from lctrain_kernels.triton_attention import triton_attention  # noqa: E402
 
 HIDDEN = 2048
 TOKENS = 16384
@@ -70,13 +71,10 @@ def make_timer(dry_run: bool):
 
 
 def triton_runner(q, k, v, doc, causal):
+    """Through autograd like the baselines: the forward plans the tiles, the backward reuses it."""
     pos = torch.arange(q.shape[1], device=q.device)
     doc = torch.zeros_like(pos) if doc is None else doc.to(q.device)
-    out, lse = triton_forward(q, k, v, pos, pos, doc, doc, causal)
-    dout = torch.randn_like(out)
-    fwd = lambda: triton_forward(q, k, v, pos, pos, doc, doc, causal)  # noqa: E731
-    bwd = lambda: triton_backward(dout, q, k, v, out, lse, pos, pos, doc, doc, causal)  # noqa: E731
-    return fwd, bwd
+    return autograd_runner(lambda a, b, c: triton_attention(a, b, c, pos, pos, doc, doc, causal)[0], q, k, v)
 
 
 def autograd_runner(forward, q, k, v):
@@ -122,6 +120,38 @@ def flex_runner(q, k, v, doc, causal):
     compiled = torch.compile(flex_attention, dynamic=False)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     return autograd_runner(lambda a, b, c: compiled(a, b, c, block_mask=block_mask), qt, kt, vt)
+
+
+# The issue's targets on H100, bf16: (shape, metric, baseline or None for absolute TFLOP/s, bound).
+TARGETS = [
+    ("d128 causal 16k", "fwd", None, 450.0),
+    ("d128 causal 16k", "fwdbwd", "sdpa_flash", 1.2),
+    ("d128 causal 16k", "fwdbwd", "flex", 1.0),
+    ("d128 docs 16k", "fwdbwd", "flex", 1.0),
+]
+
+
+def target_shapes(args):
+    heads = max(1, args.hidden // 128)
+    for docs in (False, True):
+        yield dict(dim=128, heads=heads, causal=True, seq=args.target_seq, batch=1, docs=docs, fwd_only=False,
+                   name=f"d128 {'docs' if docs else 'causal'} 16k")
+
+
+def check_targets(rows) -> list[dict]:
+    verdicts = []
+    for name, metric, baseline, bound in TARGETS:
+        res = next(r["results"] for r in rows if r.get("name") == name)
+        ours = res.get("triton", {}).get(f"{metric}_tflops")
+        other = res.get(baseline, {}).get(f"{metric}_tflops") if baseline else None
+        value = ours if baseline is None else (ours / other if ours and other else None)
+        verdicts.append(dict(shape=name, metric=metric, baseline=baseline, bound=bound, value=value,
+                             met=None if value is None else value >= bound))
+        unit = "TFLOP/s" if baseline is None else f"x {baseline}"
+        shown = "n/a" if value is None else f"{value:.2f}"
+        print(f"target {name} {metric}: {shown} {unit} (need >= {bound}): "
+              f"{'n/a' if value is None else 'met' if value >= bound else 'MISSED'}")
+    return verdicts
 
 
 def shapes(args):
@@ -210,6 +240,27 @@ def plot(rows, path: Path):
     fig.savefig(path, dpi=120)
 
 
+def plot_targets(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        names = [n for n, r in row["results"].items() if "fwd_tflops" in r]
+        for offset, key in ((-0.2, "fwd"), (0.2, "fwdbwd")):
+            ax.bar([i + offset for i in range(len(names))],
+                   [row["results"][n].get(f"{key}_tflops", 0) for n in names], width=0.4, label=key)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names)
+        ax.set_title(f"{row['name']}, bf16")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+",
@@ -223,6 +274,10 @@ def main(argv=None) -> int:
                         default=["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"])
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--target-seq", type=int, default=16384, help=argparse.SUPPRESS)
+    parser.add_argument("--targets", action="store_true",
+                        help="only the issue's target shapes (d128 causal 16k, packed docs 16k) against SDPA flash "
+                             "and Flex, with a verdict per target: bench/results/kernels_targets.json (a few minutes)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU + Triton interpreter, tiny shapes, fp32, no SDPA backends/flex, no files")
     args = parser.parse_args(argv)
@@ -230,14 +285,17 @@ def main(argv=None) -> int:
     if args.dry_run:
         device, dtype = torch.device("cpu"), torch.float32
         args.seqs, args.dims, args.tokens, args.packed_seq, args.hidden = [32, 64], [64], 64, 64, 64
+        args.target_seq = 64
         args.sdpa_backends, args.no_flex = [], True
     else:
         if not torch.cuda.is_available():
             parser.error("needs a CUDA GPU (or --dry-run)")
         device, dtype = torch.device("cuda"), torch.bfloat16
     timer = make_timer(args.dry_run)
+    if args.targets:
+        args.sdpa_backends = [b for b in args.sdpa_backends if b == "FLASH_ATTENTION"]
     rows = []
-    for shape in shapes(args):
+    for shape in (target_shapes(args) if args.targets else shapes(args)):
         rows.append(measure(shape, args, timer, device, dtype))
         print(label(shape), {n: round(r.get("fwd_tflops", 0), 1) if "skipped" not in r else "skip"
                              for n, r in rows[-1]["results"].items()}, flush=True)
@@ -251,13 +309,16 @@ def main(argv=None) -> int:
         "dtype": str(dtype), "flops_convention": "fwd 4*b*sq*sk*d*h (/2 causal), bwd 2.5x, fwd+bwd 3.5x",
         "dry_run": args.dry_run, "results": rows,
     }
+    if args.targets:
+        result["targets"] = check_targets(rows)
     if args.dry_run:
         print(f"dry run: {len(rows)} shapes, JSON not written")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, args.out / "kernels.png")
-    print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.png'}")
+    stem = "kernels_targets" if args.targets else "kernels"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (plot_targets if args.targets else plot)(rows, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json and {args.out / stem}.png")
     return 0
 
 
