@@ -212,7 +212,8 @@ def triton_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, causal=True, window=None
     q, k, v = kernel_inputs(interpret, q, k, v)
     # The kernel stores in its output's dtype: q's, or float32 when asked for.
     result = out if out.dtype in (q.dtype, torch.float32) else out.to(q.dtype)
-    qp, qd, kp, kd, q_info, k_info = tile_plan or plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, q.device)
+    qp, qd, kp, kd, q_info, k_info = tile_plan or plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch,
+                                                       q.device, use_kernel=not interpret)
     scale = default_scale(head_dim, scale)
     args = [q, k, v, result, lse, qp, qd, kp, kd, q_info, k_info,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *result.stride()[:3],
@@ -243,7 +244,8 @@ class TritonAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k):
         # One tile plan for forward and backward (it is ~100 small device ops).
         empty = q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] * q.shape[2] == 0
-        tile_plan = None if empty else plan(q_pos, k_pos, q_doc, k_doc, causal, window, q.shape[0], q.device)
+        tile_plan = None if empty else plan(q_pos, k_pos, q_doc, k_doc, causal, window, q.shape[0], q.device,
+                                            use_kernel=not interpret_mode(q.device))
         out, lse = triton_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k,
                                   tile_plan=tile_plan)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc)

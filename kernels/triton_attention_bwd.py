@@ -159,7 +159,8 @@ def backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window
     q, k, v, dout = kernel_inputs(interpret, q, k, v, dout.to(q.dtype))
     if dout.stride() != q.stride():  # the kernels read dO with q's strides
         dout, q = dout.contiguous(), q.contiguous()
-    qp, qd, kp, kd, q_info, k_info = tile_plan or plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, q.device)
+    qp, qd, kp, kd, q_info, k_info = tile_plan or plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch,
+                                                       q.device, use_kernel=not interpret)
     common = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
     coords = coord_args(qp, kp, q_info, k_info)
     tail = [seq_q, seq_k, scale, scale * LOG2E, window or 0]

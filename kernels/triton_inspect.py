@@ -32,7 +32,8 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
 
 def captured_calls(dtype=torch.bfloat16, seq=1024, heads=32, kv_heads=8, head_dim=128, causal=True,
                    window=None, docs=1) -> dict:
-    """{"fwd", "dkdv", "dq"}: (spec, args, consts) of one forward and backward call."""
+    """{"fwd", "dkdv", "dq", "plan"}: (spec, args, consts) of one forward and backward call
+    ("plan": the query side's tile plan kernel)."""
     from .triton_attention import triton_backward, triton_forward
 
     gen = torch.Generator().manual_seed(0)
@@ -44,7 +45,11 @@ def captured_calls(dtype=torch.bfloat16, seq=1024, heads=32, kv_heads=8, head_di
         triton_forward(q, k, v, pos, pos, doc, doc, causal, window)
         out, lse = torch.zeros_like(q), torch.zeros(1, heads, seq)
         triton_backward(q, q, k, v, out, lse, pos, pos, doc, doc, causal, window)
-    return {name: (spec, args, consts) for name, (spec, _, _, args, consts) in zip(("fwd", "dkdv", "dq"), calls)}
+    names = {"_attn_fwd": "fwd", "_attn_bwd_dkdv": "dkdv", "_attn_bwd_dq": "dq", "_plan_runs": "plan"}
+    captured = {}
+    for spec, _, _, args, consts in calls:
+        captured.setdefault(names[spec[0].__name__], (spec, args, consts))
+    return captured
 
 
 def _signature(body, args: list, consts: dict):
@@ -86,7 +91,8 @@ def compile_stats(call, config: tuple[int, int, int, int], arch: int = 90) -> di
     block_m, block_n, warps, stages = config
     bind_mode(interpret=False)
     fn = triton.jit(body)
-    signature, constants, attrs = _signature(body, args, {**consts, **blocks(block_m, block_n)})
+    tiles = blocks(block_m, block_n) if spec[1] is not None else {}  # the plan kernel has no tiles
+    signature, constants, attrs = _signature(body, args, {**consts, **tiles})
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps, "num_stages": stages})

@@ -40,7 +40,8 @@ DQ_CONFIGS = [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)]
 FALLBACK_CONFIG = (64, 32, 4, 2)  # fits every GPU and head dim: used when pruning leaves nothing
 TUNE_KEY = ["TUNE_SQ", "TUNE_SK", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "DOT_PREC"]
 # Modules whose globals hold kernels and device functions (rebound per mode, see bind_mode).
-KERNEL_MODULES = ("lctrain_kernels.triton_attention", "lctrain_kernels.triton_attention_bwd")
+KERNEL_MODULES = ("lctrain_kernels.triton_plan_kernel", "lctrain_kernels.triton_attention",
+                  "lctrain_kernels.triton_attention_bwd")
 
 
 def require_triton():
@@ -206,6 +207,15 @@ def launch(spec, grid_len: str, shape: tuple[int, int], args: list, consts: dict
         kernel[grid](*args, **consts, **tiles, **launch_opts)
     else:
         kernel[lambda meta: (triton.cdiv(shape[0], meta[grid_len]), shape[1])](*args, **consts)
+
+
+def launch_grid(spec, grid: tuple, args: list, consts: dict, interpret: bool) -> None:
+    """A kernel on a fixed grid, one warp per program, no autotuning (the tile plan)."""
+    if _captured[0] is not None:
+        _captured[0].append((spec, None, grid, args, consts))
+        return
+    launch_opts = {} if interpret else {"num_warps": 1, "num_stages": 1}
+    get_kernel(spec, interpret, tuned=False)[grid](*args, **consts, **launch_opts)
 
 
 # ------------------------------------------------------------------------------ inputs

@@ -9,8 +9,9 @@ spans), so the plan does not depend on the block sizes the autotuner picks.
 Searchsorted does the work, so the spans are exact when documents are non-decreasing (apart
 from -1 padding) and positions non-decreasing, as every layout produces. An unsorted side falls
 back to the whole side for "may" and to nothing for "full": slower, still exact. All of it
-stays on the device, with no host sync: about 130 small ops per call, shared by a forward and
-its backward when they go through ``TritonAttentionFunction``.
+stays on the device, with no host sync: about 140 small ops per call, shared by a forward and
+its backward when they go through ``TritonAttentionFunction``. GPU calls use the same plan as
+one Triton kernel per side (``triton_plan_kernel``, a dozen ops and two launches).
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ def _side_info(this_pos, this_doc, other: _Side, causal, window, query_side) -> 
     return torch.stack(spans, -1).contiguous()
 
 
-def plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, device):
+def plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, device, use_kernel=False):
     """(q_pos, q_doc, k_pos, k_doc) as (1 or b, s) int32 (rebased, see ``_kernel_coords``) and
-    the (1 or b, runs, 4) int64 run summaries of each side."""
+    the (1 or b, runs, 4) int64 run summaries of each side. ``use_kernel``: compute the
+    summaries with the Triton kernel of ``triton_plan_kernel`` (GPU calls) instead of torch ops."""
     coords = [as_batched(c).to(device=device, dtype=torch.int64) for c in (q_pos, q_doc, k_pos, k_doc)]
     rows = max(c.shape[0] for c in coords)
     if rows not in (1, batch):
@@ -138,8 +140,14 @@ def plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, device):
     q_pos, q_doc, k_pos, k_doc = (c.expand(rows, -1).contiguous() for c in coords)
     if q_pos.shape != q_doc.shape or k_pos.shape != k_doc.shape:
         raise ValueError("q_pos/q_doc and k_pos/k_doc must have matching shapes")
-    q_info = _side_info(q_pos, q_doc, _side(k_pos, k_doc), causal, window, query_side=True)
-    k_info = _side_info(k_pos, k_doc, _side(q_pos, q_doc), causal, window, query_side=False)
+    if use_kernel:
+        from .triton_plan_kernel import side_info
+
+        q_info = side_info(q_pos, q_doc, k_pos, k_doc, causal, window, query_side=True)
+        k_info = side_info(k_pos, k_doc, q_pos, q_doc, causal, window, query_side=False)
+    else:
+        q_info = _side_info(q_pos, q_doc, _side(k_pos, k_doc), causal, window, query_side=True)
+        k_info = _side_info(k_pos, k_doc, _side(q_pos, q_doc), causal, window, query_side=False)
     return (*_kernel_coords(q_pos, q_doc, k_pos, k_doc), q_info, k_info)
 
 

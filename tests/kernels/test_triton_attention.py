@@ -184,6 +184,19 @@ def run_rejections():
     return {"fp64": None}
 
 
+def run_kernel_plans():
+    """Worker side: the Triton plan kernel (GPU calls) against the torch plan, per planning case."""
+    from lctrain_kernels.triton_plan import plan
+
+    equal = {}
+    for name in PLAN_CASES:
+        c = make_case(name)
+        args = (c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"], c["causal"], c["window"], c["b"], torch.device("cpu"))
+        by_torch, by_kernel = plan(*args), plan(*args, use_kernel=True)
+        equal[name] = all(torch.equal(a, b) for a, b in zip(by_torch, by_kernel))
+    return equal
+
+
 def worker_main():
     torch.set_num_threads(1)
     results, start = {}, time.time()
@@ -196,6 +209,7 @@ def worker_main():
             results[name] = {"error": f"{type(err).__name__}: {err}"}
     results["external_lse"] = run_external_lse()
     results["rejections"] = run_rejections()
+    results["kernel_plans"] = run_kernel_plans()
     results["seconds"] = time.time() - start
     print("RESULTS_JSON " + json.dumps(results))
 
@@ -269,6 +283,12 @@ def merge_runs(runs):
     """A tile's spans from its 16-token runs, as the kernels merge them: union of "may",
     intersection of "full"."""
     return [int(runs[:, 0].min()), int(runs[:, 1].max()), int(runs[:, 2].max()), int(runs[:, 3].min())]
+
+
+@pytest.mark.parametrize("name", PLAN_CASES)
+def test_triton_plan_kernel_equals_torch_plan(results, name):
+    """GPU calls plan with one Triton kernel per side (interpreted here): bit for bit the torch plan."""
+    assert results["kernel_plans"][name]
 
 
 @pytest.mark.parametrize("name", PLAN_CASES)

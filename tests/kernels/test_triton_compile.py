@@ -1,4 +1,4 @@
-"""The compiled (GPU) path of the Triton kernels, checked without a GPU.
+"""The compiled (GPU) path of the Triton kernels and the tile plan kernel, checked without a GPU.
 
 The interpreter tests run the kernels' arithmetic but never Triton's compiler, so a kernel that
 only breaks when compiled (a type error in a constexpr branch, a layout the backend rejects)
@@ -50,7 +50,8 @@ def jobs():
     """bf16 d=128 causal: the spill-free configs on sm_90 and the fallback on sm_80; every other
     variant: the fallback config on sm_90."""
     main, others = VARIANTS[0], VARIANTS[1:]
-    return ([(*main, kernel, config, 90) for kernel, config in SPILL_FREE.items()]
+    plan_kernel = [(*variant, "plan", (16, 16, 1, 1), 90) for variant in (main, others[0])]  # causal; window
+    return (plan_kernel + [(*main, kernel, config, 90) for kernel, config in SPILL_FREE.items()]
             + [(*main, kernel, SMALL, 80) for kernel in SPILL_FREE]
             + [(*variant, kernel, SMALL, 90) for variant in others for kernel in SPILL_FREE])
 
@@ -78,22 +79,31 @@ def test_every_variant_compiles_for_hopper_and_ampere(compiled):
     assert len(compiled) == len(jobs())
 
 
+def attention_kernels(compiled):
+    return [r for r in compiled if r["kernel"] != "_plan_runs"]
+
+
+def test_plan_kernel_compiles_spill_free(compiled):
+    plans = [r for r in compiled if r["kernel"] == "_plan_runs"]
+    assert len(plans) == 2 and all(r["spill_stores"] == 0 for r in plans), plans
+
+
 def test_tile_loads_are_pipelined(compiled):
-    for r in compiled:
+    for r in attention_kernels(compiled):
         assert r["async_copies"] > 0, f"{r['variant']} {r['kernel']} {r['arch']}: loads not pipelined"
 
 
 def test_hopper_uses_wgmma(compiled):
     """For 16-bit inputs (fp32 runs exact IEEE products, off the tensor cores). wgmma needs 64
     accumulator rows per warp group: queries in fwd/dq, keys in dK/dV."""
-    for r in compiled:
+    for r in attention_kernels(compiled):
         rows = r["block_n"] if r["kernel"] == "_attn_bwd_dkdv" else r["block_m"]
         if r["arch"] == "sm_90" and rows >= 64 and not r["variant"].startswith("fp32"):
             assert r["wgmma"] > 0, f"{r['variant']} {r['kernel']}: no wgmma on sm_90"
 
 
 def test_listed_configs_do_not_spill(compiled):
-    listed = [r for r in compiled if r["variant"] == VARIANTS[0][0] and r["arch"] == "sm_90"]
+    listed = [r for r in attention_kernels(compiled) if r["variant"] == VARIANTS[0][0] and r["arch"] == "sm_90"]
     assert len(listed) == len(SPILL_FREE)
     for r in listed:
         assert r["spill_stores"] == 0, f"{r['kernel']} {r['block_m']}x{r['block_n']} spills: {r}"
