@@ -146,6 +146,22 @@ def _fwd_tiles(acc, l_i, m_i, q, q_pos, q_doc, K, V, KPOS, KDOC, s_ks, s_vs, seq
     return acc, l_i, m_i
 
 
+@device_fn
+def _query_program(Q, QPOS, QDOC, QINFO, s_qb, s_qs, s_qh, s_cq, s_iq, num_q_runs, num_heads, group, seq_q,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Set-up of a program that owns a query tile (forward, dQ): its batch and head indexes
+    (pid_bh, b, h, K/V head hk), first row, Q tile, coordinates and key-tile spans."""
+    pid_m = tl.program_id(0).to(tl.int64)  # int64 bases: > 2**31 elements at long context
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start_m = pid_m * BLOCK_M
+    q = _load_rows(Q + b * s_qb + h * s_qh, start_m, s_qs, seq_q, True, HEAD_DIM, BLOCK_D, BLOCK_M)
+    q_pos, q_doc = _load_coords(QPOS + b * s_cq, QDOC + b * s_cq, start_m, seq_q, -1, BLOCK_M)
+    lo, full_lo, full_hi, hi = _tile_ranges(QINFO + b * s_iq, pid_m, num_q_runs, BLOCK_M, BLOCK_N)
+    return pid_bh, b, h, h // group, start_m, q, q_pos, q_doc, lo, full_lo, full_hi, hi
+
+
 # ---------------------------------------------------------------------------------- forward
 
 
@@ -155,16 +171,9 @@ def _attn_fwd(Q, K, V, O, LSE, QPOS, QDOC, KPOS, KDOC, QINFO, KINFO,
               scale_log2, window, TUNE_SQ, TUNE_SK,
               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)  # int64 bases: > 2**31 elements at long context
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    q = _load_rows(Q + b * s_qb + h * s_qh, start_m, s_qs, seq_q, True, HEAD_DIM, BLOCK_D, BLOCK_M)
-    q_pos, q_doc = _load_coords(QPOS + b * s_cq, QDOC + b * s_cq, start_m, seq_q, -1, BLOCK_M)
-    lo, full_lo, full_hi, hi = _tile_ranges(QINFO + b * s_iq, pid_m, num_q_runs, BLOCK_M, BLOCK_N)
-
+    pid_bh, b, h, hk, start_m, q, q_pos, q_doc, lo, full_lo, full_hi, hi = _query_program(
+        Q, QPOS, QDOC, QINFO, s_qb, s_qs, s_qh, s_cq, s_iq, num_q_runs, num_heads, group, seq_q, HEAD_DIM, BLOCK_D,
+        BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -242,7 +251,7 @@ class TritonAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k):
-        # One tile plan for forward and backward (it is ~100 small device ops).
+        # One tile plan for forward and backward (dozens of small device ops).
         empty = q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] * q.shape[2] == 0
         tile_plan = None if empty else plan(q_pos, k_pos, q_doc, k_doc, causal, window, q.shape[0], q.device,
                                             use_kernel=not interpret_mode(q.device))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .triton_attention import _key_tile, _load_coords, _load_rows, _store_rows, _tile_ranges, _visible
+from .triton_attention import (
+    _key_tile, _load_coords, _load_rows, _query_program, _store_rows, _tile_ranges, _visible,
+)
 from .triton_launch import DKDV_CONFIGS, DQ_CONFIGS, LOG2E, common_consts, device_fn, interpret_mode, kernel_inputs, launch, tl
 from .triton_plan import coord_args, plan
 
@@ -112,17 +114,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, QDOC, KPOS, KDOC, QINFO, KIN
                  scale, scale_log2, window, TUNE_SQ, TUNE_SK,
                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)  # int64 bases: > 2**31 elements at long context
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    q = _load_rows(Q + b * s_qb + h * s_qh, start_m, s_qs, seq_q, True, HEAD_DIM, BLOCK_D, BLOCK_M)
+    pid_bh, b, h, hk, start_m, q, q_pos, q_doc, lo, full_lo, full_hi, hi = _query_program(
+        Q, QPOS, QDOC, QINFO, s_qb, s_qs, s_qh, s_cq, s_iq, num_q_runs, num_heads, group, seq_q, HEAD_DIM, BLOCK_D,
+        BLOCK_M, BLOCK_N)
     do = _load_rows(DO + b * s_qb + h * s_qh, start_m, s_qs, seq_q, True, HEAD_DIM, BLOCK_D, BLOCK_M)
     lse, delta = _row_stats(LSE + pid_bh * seq_q, DELTA + pid_bh * seq_q, start_m, seq_q, True, BLOCK_M)
-    q_pos, q_doc = _load_coords(QPOS + b * s_cq, QDOC + b * s_cq, start_m, seq_q, -1, BLOCK_M)
-    lo, full_lo, full_hi, hi = _tile_ranges(QINFO + b * s_iq, pid_m, num_q_runs, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base, v_base = K + b * s_kb + hk * s_kh, V + b * s_vb + hk * s_vh
