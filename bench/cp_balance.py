@@ -1,400 +1,227 @@
 """Context-parallel work balance and traffic per rank (CPU only, no timers).
 
-For every strategy (ring, allgather, ulysses, usp, tree) x layout x data
-setting x P this benchmark reports, per rank:
+For every strategy (ring, allgather, ulysses, usp, tree) x layout x data setting x P this
+benchmark reports each rank's work (unmasked (query, key) pairs, as the strategy's
+``AttentionCounters`` count them) and the bytes and messages it sends per attention layer,
+forward and backward, for a model shape given on the command line (default Llama-3-8B-like:
+32 query heads, h_kv=8, head_dim=128, bf16, batch 1). The figures come from the analytic model
+in ``lctrain.attention.balance`` (its docstring says how each strategy reads the work matrix
+and ``traffic_per_rank`` holds the byte formulas); this script checks that model twice:
 
-- work: unmasked (query, key) token pairs the rank reports in one attention
-  call, exactly as the strategy's ``AttentionCounters`` count them (forward;
-  the backward recomputes the same pairs). With W[r, j] = pairs between the
-  queries rank r holds and the keys rank j holds (``work_matrix``):
+1. its pair counts against the project's mask rule (``count_visible_pairs``) on every
+   configuration at a small sequence length: row sums, column sums and one off-diagonal block
+   per rank;
+2. (unless --no-validate) the five real strategies on gloo ranks at a small size: bytes,
+   messages and pairs per phase and per rank must equal the model exactly.
 
-  ring, allgather  row sum W[r, :] (the rank's queries meet every key once);
-  ulysses          a head share of the whole sequence: total // P, plus one on
-                   the first total % P ranks (layout-independent, even);
-  usp (degree U)   the ring runs over R = P / U Ulysses groups of U
-                   consecutive ranks; at ring step i group g meets the keys of
-                   group (g - i) mod R, and each of the group's U ranks
-                   reports its integer 1/U share of that step's pairs
-                   (pairs // U, plus one on the first pairs % U group ranks:
-                   usp.py's _PairShare, applied per step);
-  tree             column sum W[:, j]: every rank computes all gathered
-                   queries against its *local* keys, so balance is set by
-                   where the keys sit, not the queries.
+Balance = max/mean of work over ranks: with compute-bound attention the slowest rank sets the
+step time, so it is the slowdown against a perfectly even split (efficiency = mean/max). For
+ring (and the ring inside usp) the lock-step figure sums the slowest rank's work over the ring
+steps: a rank cannot start step i+1 before its neighbour's block has arrived.
 
-- bytes and messages sent per rank per attention layer, forward and backward,
-  from the formulas the strategies' own counters use (see ``bytes_per_rank``),
-  for a model shape given on the command line (default Llama-3-8B-like: 32
-  query heads, h_kv=8, head_dim=128, bf16 q/K/V, fp32 lse and gradient
-  accumulators, batch 1); ulysses / usp replicate K/V heads when their degree
-  exceeds h_kv and those replicated bytes are counted.
-
-Balance = max/mean of work over ranks; with compute-bound attention the
-slowest rank sets the step time, so the slowdown against a perfectly balanced
-split of the same work is also max/mean, and efficiency = mean/max.
-
-For ``ring`` (and the ring inside ``usp``) it also reports the lock-step
-figure: the sum over the ring steps of the slowest rank's work at that step,
-over the mean work per rank (a rank cannot start step i+1 before its
-neighbour's block has arrived, so a step is only as fast as its slowest rank
-when transfers are hidden).
-
-Counting uses exact integer math per (query shard, key block): with documents
-packed as contiguous runs and the layout's local positions increasing, the
-keys a query at position p sees in a block are those with position in
-[max(doc_start, p - w + 1), p] (causal), counted with two searchsorted calls.
-The script cross-checks that count against the project's mask rule
-``lctrain.attention.counters.count_visible_pairs`` on every configuration at a
-small sequence length (row sums, column sums and one off-diagonal block per
-rank), and (unless --no-validate) runs all five real strategies on gloo ranks
-at a small size to check bytes, messages and pairs per phase and per rank
-against ``AttentionCounters``.
-
-Run:  .venv/bin/python bench/cp_balance.py
+Run:  python bench/cp_balance.py            (--dry-run: tiny sizes, files to a temp dir)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import functools
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from lctrain.attention import AttentionCounters, Coords, Mask, get_layout
+from lctrain.attention.balance import (
+    COORD_BYTES, DTYPE_BYTES, STRATEGIES, ModelShape, docs_from_lengths, lognormal_doc_lengths, one_document,
+    skip_reason, strategy_work, traffic_per_rank, work_matrix)
+from lctrain.attention.layouts import LAYOUT_NAMES
+from lctrain.benchmarking import add_output_options, fmt_bytes, output_dir, pyplot, write_record
+from lctrain.distributed.spawn import run_ranks
+from lctrain_kernels.mask import count_visible_pairs
 
-from lctrain.attention.counters import AttentionCounters, count_visible_pairs  # noqa: E402
-from lctrain.attention.layouts import LAYOUT_NAMES, get_layout  # noqa: E402
-from lctrain.attention.ulysses import usable_degrees  # noqa: E402
-
-STRATEGIES = ("ring", "allgather", "ulysses", "usp", "tree")
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+RESULTS = Path(__file__).resolve().parent / "results"
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-COORD_BYTES = 8  # pos and doc travel as int64
+DATA_SETTINGS = ("one_doc", "packed")
 
 
-# ----------------------------------------------------------------------------- data
+def data_settings(seq_len: int, seed: int, median: float, sigma: float) -> dict[str, np.ndarray]:
+    """Document ids of the two settings: one document, and log-normal documents packed."""
+    return {"one_doc": one_document(seq_len),
+            "packed": docs_from_lengths(lognormal_doc_lengths(seq_len, seed, median, sigma))}
 
 
-def one_document(seq_len: int) -> np.ndarray:
-    """Document id of every token: one document spanning the sequence."""
-    return np.zeros(seq_len, dtype=np.int64)
+# ----------------------------------------------------------------------------- check 1: mask rule
 
 
-def packed_skewed_lengths(seq_len: int, seed: int, median: float, sigma: float) -> list[int]:
-    """Deterministic log-normal document lengths filling ``seq_len`` exactly (last one cut)."""
-    rng = np.random.default_rng(seed)
-    lengths, total = [], 0
-    while total < seq_len:
-        n = max(1, int(round(rng.lognormal(mean=np.log(median), sigma=sigma))))
-        n = min(n, seq_len - total)
-        lengths.append(n)
-        total += n
-    return lengths
+def _shard_coords(layout, doc_t: torch.Tensor, rank: int) -> Coords:
+    pos = layout.positions(doc_t.shape[0], rank)
+    return Coords(pos, doc_t[pos])
 
 
-def docs_from_lengths(lengths: list[int]) -> np.ndarray:
-    return np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-
-
-# ----------------------------------------------------------------------------- counting
-
-
-def doc_bounds(doc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First and one-past-last position of each token's document (documents are contiguous runs)."""
-    seq_len = doc.shape[0]
-    change = np.flatnonzero(np.diff(doc)) + 1
-    starts = np.concatenate([[0], change])
-    ends = np.concatenate([change, [seq_len]])
-    run = np.repeat(np.arange(starts.shape[0]), ends - starts)
-    return starts[run], ends[run]
-
-
-def analytic_pairs(q_pos: np.ndarray, k_pos: np.ndarray, doc: np.ndarray, causal: bool, window) -> int:
-    """Visible pairs between queries at ``q_pos`` and keys at sorted ``k_pos`` (global positions).
-
-    Same rule as ``lctrain_kernels.mask.visible_mask`` for contiguous documents:
-    same document, not padding (-1), key not after the query when causal, and
-    distance < window.
-    """
-    start, end = doc_bounds(doc)
-    lo, hi = start[q_pos], end[q_pos] - 1  # inclusive key range inside the document
-    if causal:
-        hi = q_pos
-    if window is not None:
-        lo = np.maximum(lo, q_pos - window + 1)
-        if not causal:
-            hi = np.minimum(hi, q_pos + window - 1)
-    count = np.searchsorted(k_pos, hi, side="right") - np.searchsorted(k_pos, lo, side="left")
-    count = np.where((doc[q_pos] >= 0) & (hi >= lo), count, 0)
-    return int(count.sum())
-
-
-def work_matrix(layout_name: str, cp: int, doc: np.ndarray, causal: bool, window) -> np.ndarray:
-    """W[r, j] = pairs rank r's queries compute against the keys rank j holds."""
-    layout = get_layout(layout_name, cp)
-    seq_len = doc.shape[0]
-    shards = [layout.positions(seq_len, r).numpy() for r in range(cp)]
-    return np.array([[analytic_pairs(shards[r], shards[j], doc, causal, window) for j in range(cp)]
-                     for r in range(cp)], dtype=np.int64)
-
-
-def cross_check(layouts, cps, docs: dict, causal: bool, window) -> dict:
-    """Analytic counts == count_visible_pairs (the project's mask rule) for every rank and block."""
+def cross_check(cps, docs: dict, mask: Mask) -> dict:
+    """The model's counts == ``count_visible_pairs`` for every rank's row, column and one block."""
     checked = 0
     for data, doc in docs.items():
-        seq_len = doc.shape[0]
         doc_t = torch.from_numpy(doc)
-        all_pos = torch.arange(seq_len)
-        for name in layouts:
+        everything = Coords(torch.arange(doc.shape[0]), doc_t)
+        for name in LAYOUT_NAMES:
             for cp in cps:
                 layout = get_layout(name, cp)
-                w = work_matrix(name, cp, doc, causal, window)
-                shards = [layout.positions(seq_len, r) for r in range(cp)]
+                w = work_matrix(layout, doc, mask)
+                shards = [_shard_coords(layout, doc_t, r) for r in range(cp)]
                 for r in range(cp):
-                    full = count_visible_pairs(shards[r], all_pos, doc_t[shards[r]], doc_t, causal, window)
-                    assert full == int(w[r].sum()), (data, name, cp, r, full, int(w[r].sum()))
-                    # tree: every query of the sequence against the keys rank r holds
-                    col = count_visible_pairs(all_pos, shards[r], doc_t, doc_t[shards[r]], causal, window)
-                    assert col == int(w[:, r].sum()), (data, name, cp, r, col, int(w[:, r].sum()))
-                    j = (r + 1) % cp  # one off-diagonal block per rank as well
-                    blk = count_visible_pairs(shards[r], shards[j], doc_t[shards[r]], doc_t[shards[j]],
-                                              causal, window)
-                    assert blk == int(w[r, j]), (data, name, cp, r, j, blk, int(w[r, j]))
-                    checked += 3
+                    j = (r + 1) % cp
+                    expected = {"row": (shards[r], everything, w[r].sum()),
+                                "column": (everything, shards[r], w[:, r].sum()),  # tree's keys side
+                                "block": (shards[r], shards[j], w[r, j])}
+                    for what, (q, k, want) in expected.items():
+                        got = int(count_visible_pairs(q, k, mask))
+                        assert got == int(want), (data, name, cp, r, what, got, int(want))
+                        checked += 1
     return {"ok": True, "counts_compared": checked}
 
 
-def split_share(pairs: int, parts: int, index: int) -> int:
-    """Integer share of ``pairs`` that part ``index`` of ``parts`` reports (ulysses / usp counters)."""
-    return pairs // parts + int(index < pairs % parts)
+# ----------------------------------------------------------------------------- check 2: real strategies
 
 
-def applicable(strategy: str, cp: int, shape: dict, ulysses: int) -> str | None:
-    """None when the strategy runs at this P with this model shape, else the reason it is skipped."""
-    heads, h_kv = shape["heads"], shape["h_kv"]
-    if strategy == "ulysses" and cp not in usable_degrees(heads, h_kv):
-        return f"ulysses degree {cp} not usable for h={heads}, h_kv={h_kv}"
-    if strategy == "usp":
-        if cp % ulysses or cp == ulysses:
-            return f"usp needs U={ulysses} dividing P and P > U"
-        if ulysses not in usable_degrees(heads, h_kv):
-            return f"usp Ulysses degree {ulysses} not usable for h={heads}, h_kv={h_kv}"
-    return None
+def _attention_functions(usp_groups) -> dict:
+    from lctrain.attention.strategies.allgather import allgather_attention
+    from lctrain.attention.strategies.ring import ring_attention
+    from lctrain.attention.strategies.tree import tree_attention
+    from lctrain.attention.strategies.ulysses import ulysses_attention
+    from lctrain.attention.strategies.usp import usp_attention
+
+    functions = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention,
+                 "tree": functools.partial(tree_attention, query_chunk=None)}
+    if usp_groups is not None:
+        functions["usp"] = functools.partial(usp_attention, ulysses_group=usp_groups[0], ring_group=usp_groups[1])
+    return functions
 
 
-def strategy_work(strategy: str, w: np.ndarray, ulysses: int) -> tuple[list[int], list[int] | None]:
-    """Pairs each rank's counters report (forward; backward is the same), and for ring-like
-    strategies the slowest rank's pairs at each ring step (else None). ``w`` = ``work_matrix``."""
-    cp = w.shape[0]
-    if strategy in ("ring", "allgather"):
-        work = [int(x) for x in w.sum(axis=1)]
-        # ring step i: rank r computes on the block of rank (r - i) mod P
-        steps = [max(int(w[r, (r - i) % cp]) for r in range(cp)) for i in range(cp)]
-        return work, steps if strategy == "ring" else None
-    if strategy == "ulysses":
-        total = int(w.sum())
-        return [split_share(total, cp, r) for r in range(cp)], None
-    if strategy == "tree":
-        return [int(x) for x in w.sum(axis=0)], None
-    if strategy == "usp":
-        u, r_size = ulysses, cp // ulysses
-        # pairs between the tokens of Ulysses group g (ranks g*U .. g*U+U-1) and those of group g'
-        wg = w.reshape(r_size, u, r_size, u).sum(axis=(1, 3))
-        per_step = [[split_share(int(wg[p // u, (p // u - i) % r_size]), u, p % u) for p in range(cp)]
-                    for i in range(r_size)]
-        work = [sum(step[p] for step in per_step) for p in range(cp)]
-        return work, [max(step) for step in per_step]
-    raise ValueError(strategy)
+def _random_shards(shape: ModelShape, seq_len: int, layout, rank: int):
+    gen = torch.Generator().manual_seed(0)
+    dtype = TORCH_DTYPES[shape.dtype]
+    sizes = {"q": shape.heads, "k": shape.h_kv, "v": shape.h_kv}
+    full = [torch.randn(shape.batch, seq_len, heads, shape.head_dim, generator=gen).to(dtype)
+            for heads in sizes.values()]
+    return [layout.shard(x, rank, dim=1).requires_grad_() for x in full]
 
 
-# ----------------------------------------------------------------------------- bytes
-
-
-def _replicas(h_kv: int, degree: int) -> int:
-    """K/V head copies a Ulysses exchange of ``degree`` ranks sends (ulysses.py's _kv_replicas)."""
-    return 1 if h_kv % degree == 0 else degree // h_kv
-
-
-def bytes_per_rank(strategy: str, cp: int, seq_len: int, shape: dict, ulysses: int = 2) -> dict:
-    """Bytes and messages one rank sends per attention layer, as the strategy's counters count them.
-
-    s = seq_len / P local tokens, b batch, h query heads (``shape["heads"]``, not
-    needed by ring / allgather), k = h_kv, d head_dim, e bytes of a q/K/V element,
-    a bytes of an accumulation element (lse, dK/dV, dq: fp32, fp64 for fp64);
-    coordinates are int64 pos and doc, one row per batch row: C = 16 b s.
-    K/V shard = 2 b s k d e; dK/dV accumulator = 2 b s k d a.
-
-    ring      fwd: (P-1) (K/V + C)                                      msgs P-1
-              bwd: (P-1) (K/V + C) + P dK/dV                            msgs 2P-1
-    allgather fwd: (P-1) (K/V + C)            [2 all-gathers]           msgs 2
-              bwd: (P-1) K/V + (P-1) dK/dV    [all-gather + reduce-scatter share]   msgs 2
-    ulysses   kr = k x replicas (P / k when P > k), all-to-alls send (P-1)/P of the buffer:
-              fwd: (P-1) C + (P-1)/P b s d [(h + 2 kr) e + h e] + (P-1)/P b s h a
-                   [coords all-gather; q/k/v; out; lse]                 msgs 4
-              bwd: (P-1)/P b s d [h e + (h + 2 kr) a]  [dout; dq/dk/dv] msgs 2
-    usp       U = Ulysses degree, R = P / U, kr = k x replicas(U), ring over R groups on
-              head shards of U s tokens (K/V block 2 b s kr d e, coords 16 b U s):
-              fwd: (U-1) C + (U-1)/U b s d (h + 2 kr) e + (R-1) (2 b s kr d e + 16 b U s)
-                   + (U-1)/U b s (h d e + h a)                          msgs R + 3
-              bwd: (U-1)/U b s h d e + (R-1) (2 b s kr d e + 16 b U s) + R 2 b s kr d a
-                   + (U-1)/U b s d (h + 2 kr) e [ring grads come back in q/K/V dtype]
-                                                                        msgs 2R + 1
-    tree      query_chunk None (one chunk; bytes do not depend on it):
-              fwd: (P-1) (C + b s h d e + 2 b h s a + b s h (d+1) a)
-                   [coords, q all-gathers; lse all-reduce max; num/den reduce-scatter]   msgs 4
-              bwd: (P-1) (2 b s h d e + 2 b h s a + b s h d a)
-                   [q+dout, lse+delta all-gathers; dq reduce-scatter]   msgs 3
-    """
-    zero = {"forward": 0, "backward": 0, "messages_forward": 0, "messages_backward": 0}
-    if cp == 1:
-        return zero
-    b, k, d = shape["batch"], shape["h_kv"], shape["head_dim"]
-    e, a = DTYPE_BYTES[shape["kv_dtype"]], DTYPE_BYTES[shape["acc_dtype"]]
-    local = seq_len // cp
-    elems = 2 * b * local * k * d
-    kv = elems * e
-    acc = elems * a
-    coords = 2 * b * local * COORD_BYTES
-    if strategy == "ring":
-        fwd = (cp - 1) * (kv + coords)
-        return {"forward": fwd, "backward": fwd + cp * acc,
-                "messages_forward": cp - 1, "messages_backward": 2 * cp - 1}
-    if strategy == "allgather":
-        return {"forward": (cp - 1) * (kv + coords), "backward": (cp - 1) * (kv + acc),
-                "messages_forward": 2, "messages_backward": 2}
-    h = shape["heads"]
-    if strategy == "ulysses":
-        kr = k * _replicas(k, cp)
-        hp, kp = h // cp, kr // cp  # heads per rank: one all-to-all row = b s (heads / P) d
-        fwd = ((cp - 1) * coords + (cp - 1) * b * local * d * (hp + 2 * kp) * e
-               + (cp - 1) * b * local * hp * d * e + (cp - 1) * b * hp * local * a)
-        bwd = (cp - 1) * b * local * hp * d * e + (cp - 1) * b * local * d * (hp + 2 * kp) * a
-        return {"forward": fwd, "backward": bwd, "messages_forward": 4, "messages_backward": 2}
-    if strategy == "usp":
-        u, r = ulysses, cp // ulysses
-        kr = k * _replicas(k, u)
-        hu, ku = h // u, kr // u
-        ring_kv = 2 * b * (u * local) * ku * d * e + 2 * b * (u * local) * COORD_BYTES
-        ring_acc = 2 * b * (u * local) * ku * d * a
-        qkv_rows = (u - 1) * b * local * d * (hu + 2 * ku) * e
-        fwd = ((u - 1) * coords + qkv_rows + (r - 1) * ring_kv
-               + (u - 1) * b * local * hu * d * e + (u - 1) * b * hu * local * a)
-        bwd = (u - 1) * b * local * hu * d * e + (r - 1) * ring_kv + r * ring_acc + qkv_rows
-        return {"forward": fwd, "backward": bwd, "messages_forward": r + 3, "messages_backward": 2 * r + 1}
-    if strategy == "tree":
-        fwd = (cp - 1) * (coords + b * local * h * d * e + 2 * b * h * local * a + b * local * h * (d + 1) * a)
-        bwd = (cp - 1) * (2 * b * local * h * d * e + 2 * b * h * local * a + b * local * h * d * a)
-        return {"forward": fwd, "backward": bwd, "messages_forward": 4, "messages_backward": 3}
-    raise ValueError(strategy)
-
-
-# ----------------------------------------------------------------------------- real-strategy check
-
-
-def _rank_counters(rank, world_size, cases, shape, ulysses):
-    """Run the real strategies once per case on this gloo rank; return its counters."""
+def _rank_counters(rank, world_size, cases, shape: ModelShape, ulysses: int):
+    """Run the real strategies once per case on this gloo rank; return its counters per phase."""
     import torch.distributed as dist
 
-    from lctrain.attention.allgather import allgather_attention
-    from lctrain.attention.ring import ring_attention
-    from lctrain.attention.tree import tree_attention
-    from lctrain.attention.ulysses import ulysses_attention
-    from lctrain.attention.usp import usp_attention
     from lctrain.distributed.groups import build_parallel_groups
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     usp_groups = None
     if any(strategy == "usp" for strategy, _, _ in cases):
         usp_groups = build_parallel_groups(rank, world_size, 1, world_size, ulysses_size=ulysses).usp_groups
-    dtype = TORCH_DTYPES[shape["kv_dtype"]]
+    functions = _attention_functions(usp_groups)
     results = []
     for strategy, layout_name, doc_list in cases:
         doc = torch.tensor(doc_list, dtype=torch.long)
-        seq_len = doc.shape[0]
         layout = get_layout(layout_name, world_size)
-        pos = layout.positions(seq_len, rank)
-        gen = torch.Generator().manual_seed(0)
-        b, h, h_kv, d = shape["batch"], shape["heads"], shape["h_kv"], shape["head_dim"]
-        q = torch.randn(b, seq_len, h, d, generator=gen).to(dtype)
-        k = torch.randn(b, seq_len, h_kv, d, generator=gen).to(dtype)
-        v = torch.randn(b, seq_len, h_kv, d, generator=gen).to(dtype)
-        q, k, v = (layout.shard(x, rank, dim=1).requires_grad_() for x in (q, k, v))
+        q, k, v = _random_shards(shape, doc.shape[0], layout, rank)
         counters = AttentionCounters()
-        kwargs = dict(causal=True, window=None, counters=counters)
-        if strategy == "usp":
-            out, _ = usp_attention(q, k, v, pos, doc[pos], *usp_groups, **kwargs)
-        elif strategy == "tree":
-            out, _ = tree_attention(q, k, v, pos, doc[pos], None, query_chunk=None, **kwargs)
-        else:
-            fn = {"ring": ring_attention, "allgather": allgather_attention, "ulysses": ulysses_attention}[strategy]
-            out, _ = fn(q, k, v, pos, doc[pos], None, **kwargs)
+        out, _ = functions[strategy](q, k, v, _shard_coords(layout, doc, rank), mask=Mask(causal=True),
+                                     counters=counters)
         out.float().sum().backward()
-        results.append({key: dict(val) for key, val in counters.per_phase.items()})
+        results.append({phase: dict(values) for phase, values in counters.per_phase.items()})
     return results
 
 
-def validate_with_real_strategies(cps, seq_len: int, seed: int, ulysses: int) -> dict:
-    """Counters of the real strategies (gloo, small shape) vs this script's formulas and counts.
-
-    Per rank and per phase: bytes_sent == ``bytes_per_rank``, messages_sent == its
-    message count, pairs == ``strategy_work`` (for usp the exact per-ring-step
-    integer split, so the per-rank comparison is exact, not just group sums).
-    """
-    from tests.dist_utils import run_ranks
-
-    shape = {"batch": 1, "heads": 4, "h_kv": 2, "head_dim": 8, "kv_dtype": "bf16", "acc_dtype": "fp32"}
-    docs = {"one_doc": one_document(seq_len),
-            "packed": docs_from_lengths(packed_skewed_lengths(seq_len, seed, median=8, sigma=1.0))}
-    report, skipped = [], []
+def _applicable(cps, shape: ModelShape, ulysses: int) -> tuple[dict[int, list[str]], list[dict]]:
+    """Strategies that run at each P, and the skipped ones with the reason."""
+    runs, skipped = {}, []
     for cp in cps:
-        strategies = []
-        for s in STRATEGIES:
-            reason = applicable(s, cp, shape, ulysses)
+        runs[cp] = []
+        for strategy in STRATEGIES:
+            reason = skip_reason(strategy, cp, shape, ulysses)
             if reason is None:
-                strategies.append(s)
+                runs[cp].append(strategy)
             else:
-                skipped.append({"strategy": s, "P": cp, "why": reason})
-        cases = [(s, name, docs[data].tolist(), data) for s in strategies for name in LAYOUT_NAMES
-                 for data in docs]
-        per_rank = run_ranks(_rank_counters, cp, [c[:3] for c in cases], shape, ulysses)
-        for i, (strategy, name, _, data) in enumerate(cases):
-            work, _ = strategy_work(strategy, work_matrix(name, cp, docs[data], True, None), ulysses)
-            want = bytes_per_rank(strategy, cp, seq_len, shape, ulysses)
+                skipped.append({"strategy": strategy, "P": cp, "why": reason})
+    return runs, skipped
+
+
+def validate_with_real_strategies(cps, seq_len: int, seed: int, ulysses: int) -> dict:
+    """Counters of the real strategies (gloo, small shape) against the model, exactly.
+
+    Per rank and per phase: bytes_sent == ``traffic_per_rank``, messages_sent == its message
+    count, pairs == ``strategy_work`` (for usp the per-ring-step integer split, so the
+    comparison is per rank, not just per group).
+    """
+    shape = ModelShape(batch=1, heads=4, h_kv=2, head_dim=8, dtype="bf16")  # h_kv=2: K/V replicated at P=4
+    mask = Mask(causal=True)
+    docs = data_settings(seq_len, seed, median=8, sigma=1.0)
+    runs, skipped = _applicable(cps, shape, ulysses)
+    report = []
+    for cp in cps:
+        cases = [(s, name, data) for s in runs[cp] for name in LAYOUT_NAMES for data in docs]
+        per_rank = run_ranks(_rank_counters, cp, [(s, name, docs[data].tolist()) for s, name, data in cases],
+                             shape, ulysses)
+        for i, (strategy, name, data) in enumerate(cases):
+            work = strategy_work(strategy, work_matrix(get_layout(name, cp), docs[data], mask), ulysses)
+            want = asdict(traffic_per_rank(strategy, cp, seq_len, shape, ulysses))
             for r in range(cp):
-                got = per_rank[r][i]
                 for phase in ("forward", "backward"):
-                    expect = {"bytes_sent": want[phase], "messages_sent": want[f"messages_{phase}"],
-                              "pairs": work[r]}
-                    assert got[phase] == expect, (strategy, name, data, cp, r, phase, got[phase], expect)
+                    expect = {"pairs": work.per_rank[r], "bytes_sent": want[phase],
+                              "messages_sent": want[f"messages_{phase}"]}
+                    got = per_rank[r][i][phase]
+                    assert got == expect, (strategy, name, data, cp, r, phase, got, expect)
             report.append({"strategy": strategy, "layout": name, "data": data, "P": cp, "ok": True})
-    return {"ok": True, "seq_len": seq_len, "shape": shape, "usp_ulysses": ulysses,
+    return {"ok": True, "seq_len": seq_len, "shape": asdict(shape), "usp_ulysses": ulysses,
             "compared": "per rank and phase: bytes_sent, messages_sent, pairs (exact equality)",
             "cases": report, "not_applicable": skipped}
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- figures
 
 
-def device_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def figure_row(strategy: str, name: str, data: str, cp: int, w: np.ndarray, seq_len: int, shape: ModelShape,
+               ulysses: int) -> dict:
+    work = strategy_work(strategy, w, ulysses)
+    assert work.total == int(w.sum()), (strategy, name, data, cp)  # every strategy: the same total
+    traffic = traffic_per_rank(strategy, cp, seq_len, shape, ulysses)
+    return {
+        "strategy": strategy, "layout": name, "data": data, "P": cp,
+        "ulysses_degree": ulysses if strategy == "usp" else (cp if strategy == "ulysses" else None),
+        "work_per_rank": work.per_rank, "work_total": work.total,
+        "balance": work.balance, "slowdown_vs_ideal": work.balance, "efficiency": 1 / work.balance,
+        "ring_step_max_pairs": work.ring_step_max, "lockstep_over_mean": work.lockstep_over_mean,
+        "bytes_forward": traffic.forward, "bytes_backward": traffic.backward,
+        "bytes_forward_per_rank": [traffic.forward] * cp, "bytes_backward_per_rank": [traffic.backward] * cp,
+        "messages_forward": traffic.messages_forward, "messages_backward": traffic.messages_backward,
+    }
 
 
-def _lock(row) -> str:
-    return "-" if row["lockstep_over_mean"] is None else f"{row['lockstep_over_mean']:.3f}"
+def figure_rows(docs: dict, cps, seq_len: int, shape: ModelShape, ulysses: int, mask: Mask) -> list[dict]:
+    runs, _ = _applicable(cps, shape, ulysses)
+    rows = []
+    for data, doc in docs.items():
+        for name in LAYOUT_NAMES:
+            for cp in cps:
+                w = work_matrix(get_layout(name, cp), doc, mask)
+                rows += [figure_row(s, name, data, cp, w, seq_len, shape, ulysses) for s in runs[cp]]
+    return rows
+
+
+def _index(rows) -> dict:
+    return {(r["strategy"], r["layout"], r["data"], r["P"]): r for r in rows}
+
+
+def _with_lockstep(row) -> str:
+    lock = row["lockstep_over_mean"]
+    return f"{row['balance']:.3f}" + ("" if lock is None else f" ({lock:.3f})")
+
+
+def _balance_cell(row) -> str:
+    return "n/a" if row is None else _with_lockstep(row)
 
 
 def markdown_table(rows, cps) -> str:
@@ -402,12 +229,11 @@ def markdown_table(rows, cps) -> str:
     lines = ["| strategy | layout | data | P | balance max/mean | efficiency mean/max | lock-step max/mean "
              "| bytes/rank/layer fwd | bytes/rank/layer bwd | messages fwd/bwd |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        if row["P"] not in cps:
-            continue
+    for row in (r for r in rows if r["P"] in cps):
+        lock = "-" if row["lockstep_over_mean"] is None else f"{row['lockstep_over_mean']:.3f}"
         lines.append(
             f"| {row['strategy']} | {row['layout']} | {row['data']} | {row['P']} | {row['balance']:.3f} "
-            f"| {row['efficiency']:.3f} | {_lock(row)} | {fmt_bytes(row['bytes_forward'])} "
+            f"| {row['efficiency']:.3f} | {lock} | {fmt_bytes(row['bytes_forward'])} "
             f"| {fmt_bytes(row['bytes_backward'])} | {row['messages_forward']}/{row['messages_backward']} |")
     return "\n".join(lines)
 
@@ -417,24 +243,19 @@ COMPACT_ROWS = (("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"),
                 ("tree", "striped"))
 
 
+def _label(strategy: str, ulysses: int) -> str:
+    return {"ring": "ring / allgather", "usp": f"usp U={ulysses}"}.get(strategy, strategy)
+
+
 def compact_tables(rows, cps, ulysses: int) -> str:
     """README tables: balance per (strategy, layout) at the table P's; traffic per strategy."""
-    index = {(r["strategy"], r["layout"], r["data"], r["P"]): r for r in rows}
-    datas = ("one_doc", "packed")
-    head = " | ".join(f"{d} P={p}" for d in datas for p in cps)
-    lines = [f"| strategy | layout | {head} |", "|---|---|" + "---|" * (len(datas) * len(cps))]
+    index = _index(rows)
+    head = " | ".join(f"{d} P={p}" for d in DATA_SETTINGS for p in cps)
+    lines = [f"| strategy | layout | {head} |", "|---|---|" + "---|" * (len(DATA_SETTINGS) * len(cps))]
     for strategy, layout in COMPACT_ROWS:
-        cells = []
-        for data in datas:
-            for cp in cps:
-                row = index.get((strategy, layout, data, cp))
-                if row is None:
-                    cells.append("n/a")
-                    continue
-                lock = row["lockstep_over_mean"]
-                cells.append(f"{row['balance']:.3f}" + ("" if lock is None else f" ({lock:.3f})"))
-        label = {"ring": "ring / allgather", "usp": f"usp U={ulysses}"}.get(strategy, strategy)
-        lines.append(f"| {label} | {'any' if strategy == 'ulysses' else layout} | {' | '.join(cells)} |")
+        cells = [_balance_cell(index.get((strategy, layout, data, cp))) for data in DATA_SETTINGS for cp in cps]
+        lines.append(f"| {_label(strategy, ulysses)} | {'any' if strategy == 'ulysses' else layout} "
+                     f"| {' | '.join(cells)} |")
     lines += ["", "| strategy | " + " | ".join(f"P={p} fwd | P={p} bwd | P={p} msgs" for p in cps) + " |",
               "|---|" + "---|" * (3 * len(cps))]
     for strategy in STRATEGIES:
@@ -444,48 +265,34 @@ def compact_tables(rows, cps, ulysses: int) -> str:
             cells += (["n/a"] * 3 if row is None else
                       [fmt_bytes(row["bytes_forward"]), fmt_bytes(row["bytes_backward"]),
                        f"{row['messages_forward']}/{row['messages_backward']}"])
-        label = f"usp U={ulysses}" if strategy == "usp" else strategy
+        label = "ring" if strategy == "ring" else _label(strategy, ulysses)
         lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def all_p_table(rows, cps) -> str:
     """Balance for every P: ring (lock-step) / tree, per layout and data."""
-    index = {(r["strategy"], r["layout"], r["data"], r["P"]): r for r in rows}
+    index = _index(rows)
     lines = ["| layout | data | " + " | ".join(f"P={p}" for p in cps) + " |", "|---|---|" + "---|" * len(cps)]
-    for data in ("one_doc", "packed"):
+    for data in DATA_SETTINGS:
         for name in LAYOUT_NAMES:
-            cells = []
-            for cp in cps:
-                ring, tree = index[("ring", name, data, cp)], index[("tree", name, data, cp)]
-                cells.append(f"{ring['balance']:.3f} ({ring['lockstep_over_mean']:.3f}) / {tree['balance']:.3f}")
+            cells = [f"{_with_lockstep(index['ring', name, data, cp])} / {index['tree', name, data, cp]['balance']:.3f}"
+                     for cp in cps]
             lines.append(f"| {name} | {data} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def fmt_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
 def plot(rows, cps, path: Path, ulysses: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datas = sorted({row["data"] for row in rows}, key=lambda d: d != "one_doc")
-    fig, axes = plt.subplots(1, len(datas), figsize=(6.5 * len(datas), 4.8), sharey=True)
-    axes = np.atleast_1d(axes)
+    plt = pyplot(path)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(DATA_SETTINGS), figsize=(6.5 * len(DATA_SETTINGS), 4.8), sharey=True)
 
     def series(data, name, strategy, key="balance"):
-        pts = [(r["P"], r[key]) for r in rows
-               if r["data"] == data and r["layout"] == name and r["strategy"] == strategy]
+        pts = [(r["P"], r[key]) for r in rows if (r["data"], r["layout"], r["strategy"]) == (data, name, strategy)]
         return [p for p, _ in pts], [b for _, b in pts]
 
-    for ax, data in zip(axes, datas):
+    for ax, data in zip(np.atleast_1d(axes), DATA_SETTINGS):
         for name, marker, color in zip(LAYOUT_NAMES, "osD", ("C0", "C1", "C2")):
             ax.plot(*series(data, name, "ring"), marker=marker, color=color, label=f"{name} ring/allgather")
             ax.plot(*series(data, name, "ring", "lockstep_over_mean"), marker=marker, color=color, linestyle=":",
@@ -498,23 +305,23 @@ def plot(rows, cps, path: Path, ulysses: int) -> None:
         if data == "one_doc":
             ax.plot(ps, (2 * ps - 1) / ps, color="black", linestyle="--", linewidth=0.8,
                     label="(2P-1)/P: contiguous, exact")
-            ax.plot(ps, 2 * ps / (ps + 1), color="grey", linestyle="--",
-                    label="2P/(P+1): Striped Attention ceiling")
+            ax.plot(ps, 2 * ps / (ps + 1), color="grey", linestyle="--", label="2P/(P+1): Striped Attention ceiling")
         ax.axhline(1.0, color="black", linewidth=0.5, label="ulysses (any layout)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(cps, [str(p) for p in cps])
-        ax.set_xlabel("context-parallel ranks P")
-        ax.set_title(f"causal, {data}")
+        ax.set(xlabel="context-parallel ranks P", title=f"causal, {data}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("work balance max/mean")
-    for ax in axes:
         ax.legend(fontsize=6, ncol=2)
+    np.atleast_1d(axes)[0].set_ylabel("work balance max/mean")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8, 16])
@@ -531,130 +338,72 @@ def main(argv=None) -> int:
                         help="Ulysses degree U of usp (P's that U does not divide, or P == U, are skipped)")
     parser.add_argument("--check-seq-len", type=int, default=2048,
                         help="sequence length of the cross-check against count_visible_pairs")
-    parser.add_argument("--no-validate", action="store_true",
-                        help="skip running the real strategies on gloo ranks")
+    parser.add_argument("--no-validate", action="store_true", help="skip running the real strategies on gloo ranks")
     parser.add_argument("--validate-cp", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--table-cp", type=int, nargs="+", default=[4, 8])
+    add_output_options(parser, "tiny sizes (256 tokens, P = 2 and 4, gloo check at P = 4)")
     args = parser.parse_args(argv)
-    t0 = time.time()
-    causal = True
-    ulysses = args.usp_ulysses
-    shape = {"batch": args.batch, "heads": args.heads, "h_kv": args.h_kv, "head_dim": args.head_dim,
-             "kv_dtype": args.kv_dtype, "acc_dtype": "fp64" if args.kv_dtype == "fp64" else "fp32"}
+    if args.dry_run:
+        args.seq_len, args.cp, args.check_seq_len, args.validate_cp, args.table_cp = 256, [2, 4], 128, [4], [2, 4]
+        args.doc_median = 32.0
+    args.out = output_dir(args, "cp_balance", RESULTS)
     if args.heads % args.h_kv:
         parser.error("--heads must be a multiple of --h-kv (GQA)")
     for cp in args.cp:
-        if args.seq_len % (2 * cp):
-            parser.error(f"--seq-len must be a multiple of 2P = {2 * cp} (zigzag)")
+        if args.seq_len % (2 * cp) or args.check_seq_len % (2 * cp):
+            parser.error(f"--seq-len and --check-seq-len must be multiples of 2P = {2 * cp} (zigzag)")
+    return args
 
-    lengths = packed_skewed_lengths(args.seq_len, args.seed, args.doc_median, args.doc_sigma)
+
+def parameters(args, shape: ModelShape, mask: Mask, lengths: list[int]) -> dict:
+    return {
+        "seq_len": args.seq_len, "cp": args.cp, "causal": mask.causal, "window": mask.window,
+        "strategies": list(STRATEGIES), "layouts": list(LAYOUT_NAMES), "usp_ulysses": args.usp_ulysses,
+        "tree_query_chunk": None, "model_shape": {**asdict(shape), "acc_dtype": shape.acc_dtype},
+        "coord_bytes": COORD_BYTES,
+        "data": {"one_doc": "one document of seq_len tokens",
+                 "packed": {"distribution": "log-normal, last document cut to fill seq_len", "seed": args.seed,
+                            "median": args.doc_median, "sigma": args.doc_sigma, "num_docs": len(lengths),
+                            "max_len": max(lengths), "lengths": lengths}},
+        "work_definition": "unmasked (query, key) token pairs the rank's AttentionCounters report, forward (the "
+                           "backward reports the same); per strategy see lctrain.attention.balance",
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    mask, ulysses = Mask(causal=True, window=args.window), args.usp_ulysses
+    shape = ModelShape(args.batch, args.heads, args.h_kv, args.head_dim, args.kv_dtype)
+    lengths = lognormal_doc_lengths(args.seq_len, args.seed, args.doc_median, args.doc_sigma)
     docs = {"one_doc": one_document(args.seq_len), "packed": docs_from_lengths(lengths)}
 
-    # 1) the analytic count against the project's mask rule, at a small size
-    small = args.check_seq_len
-    small_docs = {"one_doc": one_document(small),
-                  "packed": docs_from_lengths(packed_skewed_lengths(small, args.seed, args.doc_median / 8,
-                                                                    args.doc_sigma))}
-    check = cross_check(LAYOUT_NAMES, args.cp, small_docs, causal, args.window)
+    small = data_settings(args.check_seq_len, args.seed, args.doc_median / 8, args.doc_sigma)
+    check = cross_check(args.cp, small, mask)
     t_check = time.time() - t0
-
-    # 2) every figure at the full size
-    rows, skipped = [], []
-    for strategy in STRATEGIES:
-        for cp in args.cp:
-            reason = applicable(strategy, cp, shape, ulysses)
-            if reason is not None:
-                skipped.append({"strategy": strategy, "P": cp, "why": reason})
-    for data, doc in docs.items():
-        for name in LAYOUT_NAMES:
-            for cp in args.cp:
-                w = work_matrix(name, cp, doc, causal, args.window)
-                for strategy in STRATEGIES:
-                    if applicable(strategy, cp, shape, ulysses) is not None:
-                        continue
-                    work, steps = strategy_work(strategy, w, ulysses)
-                    work_arr = np.array(work, dtype=np.float64)
-                    mean = work_arr.mean()
-                    nbytes = bytes_per_rank(strategy, cp, args.seq_len, shape, ulysses)
-                    rows.append({
-                        "strategy": strategy, "layout": name, "data": data, "P": cp,
-                        "ulysses_degree": ulysses if strategy == "usp" else (cp if strategy == "ulysses" else None),
-                        "work_per_rank": work,
-                        "work_total": int(sum(work)),
-                        "balance": float(work_arr.max() / mean),
-                        "slowdown_vs_ideal": float(work_arr.max() / mean),
-                        "efficiency": float(mean / work_arr.max()),
-                        "ring_step_max_pairs": steps,
-                        "lockstep_over_mean": None if steps is None else float(sum(steps) / mean),
-                        "bytes_forward": nbytes["forward"],
-                        "bytes_backward": nbytes["backward"],
-                        "bytes_forward_per_rank": [nbytes["forward"]] * cp,
-                        "bytes_backward_per_rank": [nbytes["backward"]] * cp,
-                        "messages_forward": nbytes["messages_forward"],
-                        "messages_backward": nbytes["messages_backward"],
-                    })
-                    assert rows[-1]["work_total"] == int(w.sum()), rows[-1]  # every strategy: same total
+    rows = figure_rows(docs, args.cp, args.seq_len, shape, ulysses, mask)
     t_figures = time.time() - t0 - t_check
-
-    # 3) the real strategies' counters at a small size (optional)
     validation = {"skipped": True}
     if not args.no_validate:
         validation = validate_with_real_strategies(args.validate_cp, seq_len=64, seed=args.seed, ulysses=ulysses)
     elapsed = time.time() - t0
 
-    table = markdown_table(rows, args.table_cp)
-    compact = compact_tables(rows, args.table_cp, ulysses)
-    all_p = all_p_table(rows, args.cp)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "cp_balance",
-        "device": device_name(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
-        "parameters": {
-            "seq_len": args.seq_len, "cp": args.cp, "causal": causal, "window": args.window,
-            "strategies": list(STRATEGIES), "layouts": list(LAYOUT_NAMES), "usp_ulysses": ulysses,
-            "tree_query_chunk": None,
-            "model_shape": shape, "coord_bytes": COORD_BYTES,
-            "data": {
-                "one_doc": "one document of seq_len tokens",
-                "packed": {"distribution": "log-normal, last document cut to fill seq_len",
-                           "seed": args.seed, "median": args.doc_median, "sigma": args.doc_sigma,
-                           "num_docs": len(lengths), "max_len": max(lengths),
-                           "lengths": lengths},
-            },
-            "work_definition": {
-                "all": "unmasked (query, key) token pairs the rank's AttentionCounters report, forward; the "
-                       "backward reports the same pairs",
-                "ring": "the rank's queries against every key, summed over its P blocks (row sum of W)",
-                "allgather": "the rank's queries against all gathered keys in one call (row sum of W)",
-                "ulysses": "head share of the whole sequence's pairs: total // P, +1 on the first total % P ranks",
-                "usp": "ring over R = P/U Ulysses groups; at each ring step every rank of a group reports "
-                       "pairs // U (+1 on the first pairs % U group ranks) of its group's block pairs",
-                "tree": "all gathered queries against the rank's local keys (column sum of W)",
-            },
-        },
-        "skipped": skipped,
-        "cross_check_count_visible_pairs": {**check, "seq_len": small},
+    tables = {"markdown_table": markdown_table(rows, args.table_cp),
+              "markdown_compact": compact_tables(rows, args.table_cp, ulysses),
+              "markdown_balance_all_p": all_p_table(rows, args.cp)}
+    path = write_record(args.out / "cp_balance.json", "cp_balance", {
+        "parameters": parameters(args, shape, mask, lengths),
+        "skipped": _applicable(args.cp, shape, ulysses)[1],
+        "cross_check_count_visible_pairs": {**check, "seq_len": args.check_seq_len},
         "validation_real_strategies": validation,
         "seconds": {"cross_check": round(t_check, 2), "figures": round(t_figures, 2), "total": round(elapsed, 2)},
-        "rows": rows,
-        "markdown_table": table,
-        "markdown_compact": compact,
-        "markdown_balance_all_p": all_p,
-    }
-    (args.out / "cp_balance.json").write_text(json.dumps(result, indent=1) + "\n")
+        "rows": rows, **tables}, argv)
     plot(rows, args.cp, args.out / "cp_balance.png", ulysses)
-    print(table)
-    print("\n" + compact + "\n\n" + all_p)
-    print(f"\ncross-check vs count_visible_pairs: {check['counts_compared']} counts equal (seq_len {small}); "
-          f"real strategies: {'skipped' if validation.get('skipped') else 'counters match'}; {elapsed:.1f}s")
-    print(f"wrote {args.out / 'cp_balance.json'} and {args.out / 'cp_balance.png'}")
+    print("\n\n".join(tables.values()))
+    print(f"\ncross-check vs count_visible_pairs: {check['counts_compared']} counts equal "
+          f"(seq_len {args.check_seq_len}); real strategies: "
+          f"{'skipped' if validation.get('skipped') else 'counters match'}; {elapsed:.1f}s")
+    print(f"wrote {path}")
     return 0
 
 

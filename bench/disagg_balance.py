@@ -10,8 +10,8 @@ bytes moved, for:
 
 - colocated: each rank computes its own documents (data parallel as is; 0 bytes);
 - ring CP (contiguous / zigzag / striped): the P ranks' sequences packed into
-  one sequence of P x tokens and sharded by the layout (bench/cp_balance.py's
-  counting and byte formulas: K/V + coordinates around the ring);
+  one sequence of P x tokens and sharded by the layout (the counting and byte
+  formulas of ``lctrain.attention.balance``: K/V + coordinates around the ring);
 - disagg colocated: lctrain.disagg plans tasks onto the P ranks themselves
   (whole documents, split only as balance needs); q/k/v of moved tasks go out
   and out/lse come back; tasks kept at home move nothing;
@@ -22,61 +22,47 @@ bytes moved, for:
 
 All of it is integer arithmetic on document lengths. The script asserts that
 the disagg task costs, the colocated sums and the ring counts agree on the
-total work, and that its fast ring count equals cp_balance.analytic_pairs.
+total work, and that the ring count against all keys equals the searched count
+(``visible_pairs``) on rank 0.
 
-Run:  .venv/bin/python bench/disagg_balance.py
+Run:  python bench/disagg_balance.py        (--dry-run: tiny sizes, files to a temp dir)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "bench"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from lctrain.attention.balance import (
+    DTYPE_BYTES, ModelShape, doc_bounds, docs_from_lengths, lognormal_doc_lengths, pairs_against_all_keys,
+    traffic_per_rank, visible_pairs)
+from lctrain.attention.layouts import get_layout
+from lctrain.benchmarking import add_output_options, fmt_bytes, output_dir, pyplot, write_record
+from lctrain.disagg.protocol import NUM_FIELDS
+from lctrain.disagg.scheduler import AttentionShape, plan_from_lengths
+from lctrain.disagg.tasks import make_tasks, task_cost
+from lctrain_kernels.mask import Mask
 
-from cp_balance import (  # noqa: E402
-    DTYPE_BYTES,
-    analytic_pairs,
-    bytes_per_rank,
-    device_name,
-    doc_bounds,
-    docs_from_lengths,
-    fmt_bytes,
-    packed_skewed_lengths,
-)
-
-from lctrain.attention.layouts import get_layout  # noqa: E402
-from lctrain.disagg import NUM_FIELDS, AttentionShape, make_tasks, plan_from_lengths, task_cost  # noqa: E402
-
+RESULTS = Path(__file__).resolve().parent / "results"
 LONG_DOC = 65536
 
 
-def ring_work(layout_name: str, cp: int, doc: np.ndarray, starts: np.ndarray, window) -> list[int]:
-    """Causal work per CP rank: its queries against the whole packed sequence (every key once).
+def ring_work(layout_name: str, cp: int, doc: np.ndarray, mask: Mask) -> list[int]:
+    """Work per CP rank: its queries against the whole packed sequence (every key once).
 
-    With all keys present the count per query is a difference of bounds, so no
-    search is needed; rank 0 is checked against cp_balance.analytic_pairs.
+    With all keys present the count per query is the length of its key interval, so no
+    search is needed; rank 0 is checked against the searched count.
     """
     layout = get_layout(layout_name, cp)
-    work = []
-    for rank in range(cp):
-        pos = layout.positions(doc.shape[0], rank).numpy()
-        lo = starts[pos] if window is None else np.maximum(starts[pos], pos - window + 1)
-        work.append(int(np.where(doc[pos] >= 0, pos - lo + 1, 0).sum()))
-    pos0 = layout.positions(doc.shape[0], 0).numpy()
-    assert work[0] == analytic_pairs(pos0, np.arange(doc.shape[0]), doc, True, window), (layout_name, cp)
+    bounds = doc_bounds(doc)
+    shards = [layout.positions(doc.shape[0], rank).numpy() for rank in range(cp)]
+    work = [pairs_against_all_keys(pos, doc, mask, bounds) for pos in shards]
+    assert work[0] == visible_pairs(shards[0], np.arange(doc.shape[0]), doc, mask, bounds), (layout_name, cp)
     return work
 
 
@@ -112,14 +98,9 @@ def markdown_table(rows) -> str:
 
 
 def plot(rows, cps, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed: skipping {path} (pip install -e '.[bench]')")
+    plt = pyplot(path)
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = list(dict.fromkeys(row["method"] for row in rows))
     fig, (ax_bal, ax_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, marker in zip(methods, "osD^v<>p"):
@@ -147,7 +128,7 @@ def plot(rows, cps, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens-per-rank", type=int, default=524288)
     parser.add_argument("--cp", type=int, nargs="+", default=[4, 8, 16], help="numbers of ranks P")
@@ -163,75 +144,76 @@ def main(argv=None) -> int:
     parser.add_argument("--min-chunk", type=int, default=128, help="smallest query chunk the scheduler cuts")
     parser.add_argument("--dedicated-servers", type=int, default=None, help="K (default P)")
     parser.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag", "striped"])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    add_output_options(parser, "tiny sizes (8k tokens per rank, P = 2 and 4)")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        args.tokens_per_rank, args.cp, args.doc_median = 8192, [2, 4], 256.0
+    args.out = output_dir(args, "disagg_balance", RESULTS)
     if args.tokens_per_rank % 2:
         parser.error("--tokens-per-rank must be even (zigzag splits each rank's share in two)")
+    return args
+
+
+def rows_at(cp: int, lengths: list[list[int]], shape: AttentionShape, ring_shape: ModelShape, args) -> list[dict]:
+    """The rows of every method for P = ``cp`` ranks holding documents ``lengths``."""
+    mask = Mask(causal=True, window=args.window)
+    zeros = [0] * cp
+    colocated = [sum(task_cost(t, True, args.window) for t in make_tasks(docs, r, True, args.window, None))
+                 for r, docs in enumerate(lengths)]
+    rows = [balance_row("colocated", cp, colocated, zeros, zeros)]
+    doc = docs_from_lengths([n for docs in lengths for n in docs])
+    for name in args.layouts:
+        work = ring_work(name, cp, doc, mask)
+        assert sum(work) == sum(colocated), (name, cp)
+        fwd = traffic_per_rank("ring", cp, doc.shape[0], ring_shape).forward
+        rows.append(balance_row(f"ring-{name}", cp, work, [fwd] * cp, [fwd] * cp))
+    servers = args.dedicated_servers or cp
+    for method, kwargs in (("disagg-colocated", {}),
+                           ("disagg-dedicated", {"mode": "dedicated", "num_servers": servers}),
+                           (f"disagg-colocated-chunk{args.min_chunk}", {"chunk_tokens": args.min_chunk})):
+        rows.append(disagg_row(method, cp, lengths, shape, args, **kwargs))
+        assert rows[-1]["work_total"] == sum(colocated), (method, cp)
+    return rows
+
+
+def parameters(args, shape: AttentionShape) -> dict:
+    return {
+        "tokens_per_rank": args.tokens_per_rank, "cp": args.cp, "causal": True, "window": args.window,
+        "doc_lengths": {"distribution": "log-normal per rank, last document cut to fill the rank",
+                        "median": args.doc_median, "sigma": args.doc_sigma, "seed": args.seed},
+        "attention_shape": asdict(shape),
+        "target_imbalance": args.target, "min_chunk_tokens": args.min_chunk,
+        "dedicated_servers": args.dedicated_servers or "P", "ring_layouts": args.layouts,
+        "work_definition": "visible (query, key) pairs per rank (per server for disagg), one causal layer, "
+                           "forward; the backward recomputes the same pairs",
+        "bytes_definition": "forward, one layer, batch 1. ring: (P-1) x (K/V shard + int64 pos/doc) per rank "
+                            "(lctrain.attention.balance.traffic_per_rank). disagg: per moved task q, k, v "
+                            "worker->server and out (dtype), lse (fp32) server->worker; task headers listed apart "
+                            "(header_bytes_moved); tasks computed on their own rank move 0 bytes",
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     t0 = time.time()
     shape = AttentionShape(args.heads, args.h_kv, args.head_dim, DTYPE_BYTES[args.dtype], lse_bytes=4)
-    ring_shape = {"batch": 1, "h_kv": args.h_kv, "head_dim": args.head_dim, "kv_dtype": args.dtype,
-                  "acc_dtype": "fp64" if args.dtype == "fp64" else "fp32"}
-    all_lengths = [packed_skewed_lengths(args.tokens_per_rank, 1000 * args.seed + r, args.doc_median,
+    ring_shape = ModelShape(batch=1, heads=args.heads, h_kv=args.h_kv, head_dim=args.head_dim, dtype=args.dtype)
+    all_lengths = [lognormal_doc_lengths(args.tokens_per_rank, 1000 * args.seed + r, args.doc_median,
                                          args.doc_sigma) for r in range(max(args.cp))]
-
-    rows = []
-    for cp in args.cp:
-        lengths = all_lengths[:cp]
-        zeros = [0] * cp
-        colocated = [sum(task_cost(t, True, args.window) for t in make_tasks(docs, r, True, args.window, None))
-                     for r, docs in enumerate(lengths)]
-        rows.append(balance_row("colocated", cp, colocated, zeros, zeros))
-        doc = docs_from_lengths([n for docs in lengths for n in docs])
-        starts, _ = doc_bounds(doc)
-        seq_len = doc.shape[0]
-        for name in args.layouts:
-            work = ring_work(name, cp, doc, starts, args.window)
-            assert sum(work) == sum(colocated), (name, cp)
-            fwd = bytes_per_rank("ring", cp, seq_len, ring_shape)["forward"]
-            rows.append(balance_row(f"ring-{name}", cp, work, [fwd] * cp, [fwd] * cp))
-        k = args.dedicated_servers or cp
-        for method, kwargs in (("disagg-colocated", {}),
-                               ("disagg-dedicated", {"mode": "dedicated", "num_servers": k}),
-                               (f"disagg-colocated-chunk{args.min_chunk}", {"chunk_tokens": args.min_chunk})):
-            row = disagg_row(method, cp, lengths, shape, args, **kwargs)
-            assert row["work_total"] == sum(colocated), (method, cp)
-            rows.append(row)
+    rows = [row for cp in args.cp for row in rows_at(cp, all_lengths[:cp], shape, ring_shape, args)]
     elapsed = time.time() - t0
 
     table = markdown_table(rows)
     data = [{"rank": r, "num_docs": len(docs), "max_len": max(docs), "docs_ge_64k": sum(n >= LONG_DOC for n in docs),
              "lengths_ge_64k": [n for n in docs if n >= LONG_DOC]} for r, docs in enumerate(all_lengths)]
-    result = {
-        "benchmark": "disagg_balance",
-        "device": device_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
-        "parameters": {
-            "tokens_per_rank": args.tokens_per_rank, "cp": args.cp, "causal": True, "window": args.window,
-            "doc_lengths": {"distribution": "log-normal per rank, last document cut to fill the rank",
-                            "median": args.doc_median, "sigma": args.doc_sigma, "seed": args.seed},
-            "attention_shape": asdict(shape),
-            "target_imbalance": args.target, "min_chunk_tokens": args.min_chunk,
-            "dedicated_servers": args.dedicated_servers or "P", "ring_layouts": args.layouts,
-            "work_definition": "visible (query, key) pairs per rank (per server for disagg), one causal layer, "
-                               "forward; the backward recomputes the same pairs",
-            "bytes_definition": "forward, one layer, batch 1. ring: (P-1) x (K/V shard + int64 pos/doc) per rank "
-                                "(cp_balance.bytes_per_rank). disagg: per moved task q, k, v worker->server and "
-                                "out (dtype), lse (fp32) server->worker; task headers listed apart "
-                                "(header_bytes_moved); tasks computed on their own rank move 0 bytes",
-        },
-        "data": data,
+    path = write_record(args.out / "disagg_balance.json", "disagg_balance", {
+        "parameters": parameters(args, shape), "data": data,
         "checks": "disagg server loads, colocated sums and ring per-rank work sum to the same total for every P; "
-                  "ring rank 0 equals cp_balance.analytic_pairs",
-        "seconds": round(elapsed, 2),
-        "rows": rows,
-        "markdown_table": table,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "disagg_balance.json").write_text(json.dumps(result, indent=1) + "\n")
+                  "ring rank 0 against all keys equals the searched count (lctrain.attention.balance)",
+        "seconds": round(elapsed, 2), "rows": rows, "markdown_table": table}, argv)
     print(table)
     print(f"\nranks' documents >= 64k tokens: {[d['docs_ge_64k'] for d in data]}; {elapsed:.1f}s")
-    print(f"wrote {args.out / 'disagg_balance.json'}")
+    print(f"wrote {path}")
     plot(rows, args.cp, args.out / "disagg_balance.png")
     return 0
 

@@ -20,10 +20,7 @@ causal / document block mask. Timed with triton.testing.do_bench (median ms).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,22 +30,19 @@ if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is f
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from lctrain.attention.balance import docs_from_lengths, lognormal_doc_lengths  # noqa: E402
+from lctrain.benchmarking import pyplot, write_record  # noqa: E402
+from lctrain_kernels.mask import Coords, Mask  # noqa: E402
+from lctrain_kernels.triton.attention import triton_attention  # noqa: E402
 
-from lctrain_kernels.triton_attention import triton_attention  # noqa: E402
-
+RESULTS = Path(__file__).resolve().parent / "results"
 HIDDEN = 2048
 TOKENS = 16384
 
 
-def lognormal_docs(seq_len: int, seed=0, median=256.0, sigma=1.5) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    lengths, total = [], 0
-    while total < seq_len:
-        n = max(1, round(math.exp(math.log(median) + sigma * torch.randn((), generator=gen).item())))
-        lengths.append(min(n, seq_len - total))
-        total += lengths[-1]
-    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+def packed_docs(seq_len: int) -> torch.Tensor:
+    """Document ids of log-normal documents (median 256, sigma 1.5, seed 0) filling ``seq_len``."""
+    return torch.from_numpy(docs_from_lengths(lognormal_doc_lengths(seq_len, seed=0, median=256.0, sigma=1.5)))
 
 
 def flops_fwd(batch, seq, heads, dim, causal, doc=None) -> float:
@@ -73,8 +67,9 @@ def make_timer(dry_run: bool):
 def triton_runner(q, k, v, doc, causal):
     """Through autograd like the baselines: the forward plans the tiles, the backward reuses it."""
     pos = torch.arange(q.shape[1], device=q.device)
-    doc = torch.zeros_like(pos) if doc is None else doc.to(q.device)
-    return autograd_runner(lambda a, b, c: triton_attention(a, b, c, pos, pos, doc, doc, causal)[0], q, k, v)
+    coords = Coords(pos, torch.zeros_like(pos) if doc is None else doc.to(q.device))
+    mask = Mask(causal=causal)
+    return autograd_runner(lambda a, b, c: triton_attention(a, b, c, coords, coords, mask)[0], q, k, v)
 
 
 def autograd_runner(forward, q, k, v):
@@ -168,7 +163,7 @@ def measure(shape, args, timer, device, dtype):
     gen = torch.Generator(device=device).manual_seed(0)
     b, s, h, d = shape["batch"], shape["seq"], shape["heads"], shape["dim"]
     q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype, generator=gen) for _ in range(3))
-    doc = lognormal_docs(s) if shape["docs"] else None
+    doc = packed_docs(s) if shape["docs"] else None
     fwd_flops = flops_fwd(b, s, h, d, shape["causal"], doc)
     runners = {"triton": lambda: triton_runner(q, k, v, doc, shape["causal"])}
     for backend in args.sdpa_backends:
@@ -216,10 +211,9 @@ def print_table(rows):
 
 
 def plot(rows, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     groups = sorted({(r["dim"], r["causal"]) for r in rows if not r["docs"]})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
@@ -238,13 +232,13 @@ def plot(rows, path: Path):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_targets(rows, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
     for ax, row in zip(axes[0], rows):
@@ -259,6 +253,7 @@ def plot_targets(rows, path: Path):
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -273,7 +268,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sdpa-backends", nargs="*",
                         default=["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"])
     parser.add_argument("--no-flex", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--target-seq", type=int, default=16384, help=argparse.SUPPRESS)
     parser.add_argument("--targets", action="store_true",
                         help="only the issue's target shapes (d128 causal 16k, packed docs 16k) against SDPA flash "
@@ -300,25 +295,17 @@ def main(argv=None) -> int:
         print(label(shape), {n: round(r.get("fwd_tflops", 0), 1) if "skipped" not in r else "skip"
                              for n, r in rows[-1]["results"].items()}, flush=True)
     print_table(rows)
-    import triton
-
-    result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
-        "dtype": str(dtype), "flops_convention": "fwd 4*b*sq*sk*d*h (/2 causal), bwd 2.5x, fwd+bwd 3.5x",
-        "dry_run": args.dry_run, "results": rows,
-    }
+    fields = {"dtype": str(dtype), "flops_convention": "fwd 4*b*sq*sk*d*h (/2 causal), bwd 2.5x, fwd+bwd 3.5x",
+              "dry_run": args.dry_run, "results": rows}
     if args.targets:
-        result["targets"] = check_targets(rows)
+        fields["targets"] = check_targets(rows)
     if args.dry_run:
         print(f"dry run: {len(rows)} shapes, JSON not written")
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_targets" if args.targets else "kernels"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (plot_targets if args.targets else plot)(rows, args.out / f"{stem}.png")
-    print(f"wrote {args.out / stem}.json and {args.out / stem}.png")
+    path = write_record(args.out / f"{stem}.json", stem, fields, argv, extra_modules=("triton",))
+    (plot_targets if args.targets else plot)(rows, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 

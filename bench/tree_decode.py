@@ -8,7 +8,7 @@ partials are combined with ``tree_combine`` (all-reduce MAX + all-reduce SUM)
 or ``butterfly_combine`` (log2 P P2P swap-and-merge rounds: the tree written
 out in P2P, since gloo's all-reduce is itself a ring) or ``ring_combine``
 (P - 1 sequential merges + broadcast), exactly as
-``lctrain.generate`` does per layer. Reported per decoded token and layer:
+``lctrain.decode`` does per layer. Reported per decoded token and layer:
 collective calls, sequential hops, latency steps, bytes sent (from the
 ``DecodeCounters``), and the median wall time of the combine (the slowest rank
 per step) and of the local partial. With P up to 8 processes on a 2-core
@@ -27,101 +27,91 @@ Modelled (``cost_model``): per layer and decoded token,
         = t_local + (P-1) steps of max(alpha + kv_shard_bytes / bw, t_local),
           the step bound by InfiniBand once the ring spans nodes;
   t_local = KV shard bytes (bf16 K and V) / HBM bandwidth + one kernel launch.
-Bandwidths from DESIGN.md §7 (NVLink 450 GB/s per direction, IB ~50 GB/s per
-GPU, HBM3 3.35 TB/s); the latencies are stated assumptions (flags).
+Bandwidths (``NETWORK``): NVLink 450 GB/s per direction and HBM3 3.35 TB/s are the H100 SXM
+figures; InfiniBand ~50 GB/s per GPU assumes one NDR (400 Gb/s) adapter per GPU; the latencies
+and the kernel launch time are assumptions (flags).
 
-Run:  .venv/bin/python bench/tree_decode.py        (~1-2 min on 2 cores)
+Run:  python bench/tree_decode.py        (~1-2 min on 2 cores; --dry-run: tiny sizes, temp dir)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import socket
 import statistics
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from lctrain.attention import CAUSAL, Coords
+from lctrain.benchmarking import add_output_options, output_dir, pyplot, write_record
+from lctrain.decode.combine import (
+    DecodeCounters, butterfly_combine, decode_comm, local_partial, ring_combine, tree_combine)
+from lctrain.distributed.spawn import run_ranks
 
-from lctrain.generate_combine import (  # noqa: E402
-    Comm, DecodeCounters, butterfly_combine, local_partial, ring_combine, tree_combine)
-
+RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {"tree": tree_combine, "butterfly": butterfly_combine, "ring": ring_combine}
+# H100 SXM: NVLink 4 450 GB/s per direction, HBM3 3.35 TB/s; InfiniBand: assumed one NDR 400 Gb/s
+# adapter per GPU (~50 GB/s); 8 GPUs per node. Latencies and kernel launch come from the flags.
+NETWORK = {"bw_nvl": 450e9, "bw_ib": 50e9, "hbm_bw": 3.35e12, "per_node": 8,
+           "source": "bandwidths: NVLink 450 GB/s per direction and HBM3 3.35 TB/s are the H100 SXM figures; "
+                     "InfiniBand ~50 GB/s per GPU assumes one NDR 400 Gb/s adapter per GPU; latencies and "
+                     "kernel launch: assumed (see flags)"}
 
 
 # ----------------------------------------------------------------- measured
-def _worker(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _cache_shard(rank: int, world: int, args):
+    """This rank's striped shard of the KV cache and its coordinates, and the new token's."""
+    gen = torch.Generator().manual_seed(rank)
+    shard = args.total_tokens // world
+    k, v = (torch.randn(1, shard, args.kv_heads, args.head_dim, generator=gen) for _ in range(2))
+    k_pos = torch.arange(rank, args.total_tokens, world)
+    k_coords = Coords(k_pos, torch.zeros_like(k_pos))
+    q_coords = Coords(torch.tensor([[args.total_tokens]]), torch.tensor([[0]]))
+    return k, v, k_coords, q_coords
+
+
+def _timed_combines(out, lse, group) -> tuple[dict, dict]:
+    """Seconds and counters of each combine of the same partial."""
     import torch.distributed as dist
 
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo")
-        group = dist.group.WORLD
-        gen = torch.Generator().manual_seed(rank)
-        shard = args.total_tokens // world
-        k, v = (torch.randn(1, shard, args.kv_heads, args.head_dim, generator=gen) for _ in range(2))
-        k_pos = torch.arange(rank, args.total_tokens, world)  # striped shard
-        k_doc = torch.zeros_like(k_pos)
-        q_pos, q_doc = torch.tensor([[args.total_tokens]]), torch.tensor([[0]])
-        times = {"local": [], **{name: [] for name in METHODS}}
-        counts = {}
-        for step in range(args.warmup + args.steps):
-            q = torch.randn(1, 1, args.heads, args.head_dim, generator=torch.Generator().manual_seed(10_000 + step))
-            dist.barrier()
-            start = time.perf_counter()
-            out, lse = local_partial(q, k, v, q_pos, q_doc, k_pos, k_doc)
-            elapsed = {"local": time.perf_counter() - start}
-            for name, combine in METHODS.items():
-                comm = Comm(group, DecodeCounters())
-                dist.barrier()
-                start = time.perf_counter()
-                combine(out, lse, comm)
-                elapsed[name] = time.perf_counter() - start
-                counts[name] = {"collectives": comm.counters.collectives, "hops": comm.counters.hops,
-                                "latency_steps": comm.counters.latency_steps,
-                                "bytes_sent": comm.counters.bytes_sent}
-            if step >= args.warmup:
-                for name, seconds in elapsed.items():
-                    times[name].append(seconds)
-        queue.put((rank, "ok", {"times": times, "counts": counts}))
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    seconds, counts = {}, {}
+    for name, combine in METHODS.items():
+        comm = decode_comm(group, DecodeCounters())
+        dist.barrier()
+        start = time.perf_counter()
+        combine(out, lse, comm)
+        seconds[name] = time.perf_counter() - start
+        c = comm.counters
+        counts[name] = {"collectives": c.collectives, "hops": c.hops, "latency_steps": c.latency_steps,
+                        "bytes_sent": c.bytes_sent}
+    return seconds, counts
+
+
+def _rank_times(rank, world, args):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    k, v, k_coords, q_coords = _cache_shard(rank, world, args)
+    times = {"local": [], **{name: [] for name in METHODS}}
+    for step in range(args.warmup + args.steps):
+        q = torch.randn(1, 1, args.heads, args.head_dim, generator=torch.Generator().manual_seed(10_000 + step))
+        dist.barrier()
+        start = time.perf_counter()
+        out, lse = local_partial(q, k, v, q_coords, k_coords, CAUSAL)
+        elapsed = {"local": time.perf_counter() - start}
+        seconds, counts = _timed_combines(out, lse, dist.group.WORLD)
+        if step >= args.warmup:
+            for name, value in {**elapsed, **seconds}.items():
+                times[name].append(value)
+    return {"times": times, "counts": counts}
 
 
 def measure(world: int, args) -> dict:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in range(world):
-        rank, status, value = queue.get(timeout=600)
-        if status != "ok":
-            raise RuntimeError(f"rank {rank} failed:\n{value}")
-        results[rank] = value
-    for p in procs:
-        p.join(timeout=30)
-    ranks = [results[r] for r in range(world)]
+    ranks = run_ranks(_rank_times, world, args, timeout=600)
     slowest = {name: [max(r["times"][name][i] for r in ranks) for i in range(args.steps)]
                for name in ("local", *METHODS)}
     row = {"P": world, "oversubscribed": world > (os.cpu_count() or 1),
@@ -172,7 +162,7 @@ def cost_model(world: int, total_tokens: int, net: dict, shape: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- main
-def main(argv=None) -> dict:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ps", default="2,4,8", help="measured process counts")
     p.add_argument("--total-tokens", type=int, default=65536)
@@ -186,43 +176,48 @@ def main(argv=None) -> dict:
     p.add_argument("--alpha-nvl-us", type=float, default=2.0, help="assumed NVLink per-hop latency")
     p.add_argument("--alpha-ib-us", type=float, default=5.0, help="assumed InfiniBand per-hop latency")
     p.add_argument("--kernel-us", type=float, default=3.0, help="assumed GPU kernel launch per small step")
-    p.add_argument("--out", default="bench/results/tree_decode.json", help="relative to the repository root")
+    add_output_options(p, "P = 2, 1024 cached tokens, 2 steps")
     args = p.parse_args(argv)
+    if args.dry_run:
+        args.ps, args.total_tokens, args.steps, args.warmup = "2", 1024, 2, 1
+    args.out = output_dir(args, "tree_decode", RESULTS)
+    return args
 
+
+def sensitivity(tokens: int, net: dict, shape: dict) -> dict:
+    """Modelled tree speed-up over ring at P = 64 and 512 for other assumed latencies."""
+    def speedups(**changed):
+        return {w: cost_model(w, tokens, {**net, **changed}, shape)["speedup_vs_ring"] for w in (64, 512)}
+
+    return {**{f"alpha_ib_us={a}": speedups(alpha_ib=a * 1e-6) for a in (2.0, 5.0, 10.0)},
+            **{f"kernel_us={k}": speedups(kernel=k * 1e-6) for k in (0.0, 3.0)}}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     start = time.perf_counter()
     measured = [measure(int(x), args) for x in args.ps.split(",")]
-    net = {"alpha_nvl": args.alpha_nvl_us * 1e-6, "bw_nvl": 450e9, "alpha_ib": args.alpha_ib_us * 1e-6,
-           "bw_ib": 50e9, "hbm_bw": 3.35e12, "kernel": args.kernel_us * 1e-6, "per_node": 8}
+    net = {"alpha_nvl": args.alpha_nvl_us * 1e-6, "alpha_ib": args.alpha_ib_us * 1e-6,
+           "kernel": args.kernel_us * 1e-6, **NETWORK}
     shape = {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "kv_bytes": 2}
-    model = {int(n): [cost_model(int(w), int(n), net, shape) for w in args.model_ps.split(",")]
-             for n in args.model_tokens.split(",")}
-    sensitivity = {f"alpha_ib_us={a}": {w: cost_model(w, int(args.model_tokens.split(",")[0]),
-                                                       {**net, "alpha_ib": a * 1e-6}, shape)["speedup_vs_ring"]
-                                        for w in (64, 512)} for a in (2.0, 5.0, 10.0)}
-    sensitivity.update({f"kernel_us={k}": {w: cost_model(w, int(args.model_tokens.split(",")[0]),
-                                                         {**net, "kernel": k * 1e-6}, shape)["speedup_vs_ring"]
-                                           for w in (64, 512)} for k in (0.0, 3.0)})
+    tokens = [int(n) for n in args.model_tokens.split(",")]
+    model = {n: [cost_model(int(w), n, net, shape) for w in args.model_ps.split(",")] for n in tokens}
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "args": vars(args),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "backend": "gloo"},
+        "args": {**vars(args), "out": str(args.out)}, "backend": "gloo",
         "note": "P processes on os.cpu_count() cores: P > cores is oversubscribed, wall times are then "
                 "dominated by scheduling; counts and bytes are exact per rank (rank 0 shown).",
-        "measured": measured, "network_model": {**net, "source": "bandwidths: DESIGN.md §7; latencies and "
-                                                "kernel launch: assumptions (see flags)"},
-        "model_shape": shape, "modelled": model, "sensitivity_speedup_vs_ring_64k": sensitivity,
+        "measured": measured, "network_model": net, "model_shape": shape, "modelled": model,
+        f"sensitivity_speedup_vs_ring_{tokens[0] // 1024}k": sensitivity(tokens[0], net, shape),
         "wall_s": time.perf_counter() - start,
     }
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(markdown(result))
-    _plot(result, out.with_suffix(".png"))
+    path = write_record(args.out / "tree_decode.json", "tree_decode", result, argv, indent=2)
+    print(markdown(result, os.cpu_count()))
+    _plot(result, path.with_suffix(".png"))
+    print(f"wrote {path}")
     return result
 
 
-def markdown(result: dict) -> str:
-    cores = result["device"]["cores"]
+def markdown(result: dict, cores: int) -> str:
     lines = [f"Measured per decoded token and layer, {result['args']['total_tokens']} cached tokens total, "
              f"h={result['args']['heads']} h_kv={result['args']['kv_heads']} d={result['args']['head_dim']} fp32, "
              f"gloo on {cores} CPU cores (P > {cores}: oversubscribed)", "",
@@ -249,13 +244,8 @@ def markdown(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib not installed: skipped {path} (pip install -e '.[bench]')")
+    plt = pyplot(path)
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ps = [r["P"] for r in result["measured"]]
@@ -274,7 +264,7 @@ def _plot(result: dict, path: Path) -> None:
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .mask import visible_mask
+from .mask import CAUSAL, Coords, Mask, visible_mask
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,12 +27,9 @@ def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    q_doc: torch.Tensor,
-    k_doc: torch.Tensor,
-    causal: bool = True,
-    window: int | None = None,
+    q_coords: Coords,
+    k_coords: Coords,
+    mask: Mask = CAUSAL,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (b, sq, h, d) over k, v (b, sk, h_kv, d) with h % h_kv == 0.
@@ -50,7 +47,7 @@ def dense_attention(
     # GQA without repeating K/V: query head (kv_head * group + i) reads kv_head.
     q_grouped = q.to(acc_dtype).reshape(batch, seq_q, num_kv_heads, group, head_dim)
     scores = torch.einsum("bqhgd,bkhd->bhgqk", q_grouped, k.to(acc_dtype)) * scale
-    visible = visible_mask(q_pos, k_pos, q_doc, k_doc, causal, window)[:, None, None]
+    visible = visible_mask(q_coords, k_coords, mask)[:, None, None]
     row_visible = visible.any(dim=-1, keepdim=True)
 
     # Masked scores become -inf; rows with no visible key become all-zero

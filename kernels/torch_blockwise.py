@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .mask import as_batched, tile_fully_visible, tile_may_be_visible, tile_ranges, visible_mask
+from .mask import CAUSAL, Coords, Mask, tile_fully_visible, tile_may_be_visible, tile_ranges, visible_mask
 from .reference import accumulation_dtype, default_scale
 
 # Large tiles amortise the Python overhead per tile; small ones skip more masked
@@ -29,16 +29,14 @@ DEFAULT_BLOCK_K = 256
 class _TilePlan:
     """Which (query tile, key tile) pairs hold visible pairs, and their masks."""
 
-    def __init__(self, q_pos, k_pos, q_doc, k_doc, causal, window, block_q, block_k):
+    def __init__(self, q_coords: Coords, k_coords: Coords, mask: Mask, block_q: int, block_k: int):
         if block_q < 1 or block_k < 1:
             raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
-        self.q_pos, self.q_doc = as_batched(q_pos), as_batched(q_doc)
-        self.k_pos, self.k_doc = as_batched(k_pos), as_batched(k_doc)
-        self.causal, self.window = causal, window
+        self.q, self.k, self.mask = q_coords, k_coords, mask
         self.block_q, self.block_k = block_q, block_k
-        self.q_ranges = tile_ranges(q_pos, q_doc, block_q)
-        self.k_ranges = tile_ranges(k_pos, k_doc, block_k)
-        self.seq_q, self.seq_k = self.q_pos.shape[-1], self.k_pos.shape[-1]
+        self.q_ranges = tile_ranges(q_coords, block_q)
+        self.k_ranges = tile_ranges(k_coords, block_k)
+        self.seq_q, self.seq_k = q_coords.seq_len, k_coords.seq_len
 
     def query_tiles(self) -> Iterator[tuple[int, int, int]]:
         for index in range(len(self.q_ranges)):
@@ -53,18 +51,14 @@ class _TilePlan:
         """
         q_range = self.q_ranges[q_index]
         for k_index, k_range in enumerate(self.k_ranges):
-            if not tile_may_be_visible(q_range, k_range, self.causal, self.window):
+            if not tile_may_be_visible(q_range, k_range, self.mask):
                 continue
             k_start = k_index * self.block_k
             k_end = min(k_start + self.block_k, self.seq_k)
-            if tile_fully_visible(q_range, k_range, self.causal, self.window):
+            if tile_fully_visible(q_range, k_range, self.mask):
                 yield k_start, k_end, None
                 continue
-            visible = visible_mask(
-                self.q_pos[:, q_start:q_end], self.k_pos[:, k_start:k_end],
-                self.q_doc[:, q_start:q_end], self.k_doc[:, k_start:k_end],
-                self.causal, self.window,
-            )
+            visible = visible_mask(self.q.narrow(q_start, q_end), self.k.narrow(k_start, k_end), self.mask)
             if not visible.any():
                 continue
             yield k_start, k_end, None if visible.all() else ~visible[:, None, None]
@@ -99,7 +93,7 @@ def _masked(scores: torch.Tensor, hidden: torch.Tensor | None, group: int) -> to
 
 
 def blockwise_forward(
-    q, k, v, q_pos, k_pos, q_doc, k_doc, causal=True, window=None, scale=None,
+    q, k, v, q_coords: Coords, k_coords: Coords, mask: Mask = CAUSAL, scale=None,
     block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K, out_dtype=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``dense_attention``: returns out (b, sq, h, d) in q's dtype and
@@ -110,7 +104,7 @@ def blockwise_forward(
     group = q.shape[2] // num_kv_heads
     acc_dtype = accumulation_dtype(q.dtype)
     scale = default_scale(head_dim, scale)
-    plan = _TilePlan(q_pos, k_pos, q_doc, k_doc, causal, window, block_q, block_k)
+    plan = _TilePlan(q_coords, k_coords, mask, block_q, block_k)
 
     q_bhgsd = _heads_first(q, num_kv_heads, acc_dtype)
     k_bhsd = k.transpose(1, 2).to(acc_dtype).contiguous()
@@ -146,7 +140,7 @@ def blockwise_forward(
 
 
 def blockwise_backward(
-    dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal=True, window=None, scale=None,
+    dout, q, k, v, out, lse, q_coords: Coords, k_coords: Coords, mask: Mask = CAUSAL, scale=None,
     delta=None, block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of this block's contribution, recomputing probabilities from ``lse``.
@@ -163,7 +157,7 @@ def blockwise_backward(
     group = num_heads // num_kv_heads
     acc_dtype = accumulation_dtype(q.dtype)
     scale = default_scale(head_dim, scale)
-    plan = _TilePlan(q_pos, k_pos, q_doc, k_doc, causal, window, block_q, block_k)
+    plan = _TilePlan(q_coords, k_coords, mask, block_q, block_k)
 
     if delta is None:
         delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(dim=-1).transpose(1, 2)
@@ -206,31 +200,25 @@ class BlockwiseAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: gradients flow through ``out``; ``lse`` is non-differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k):
-        out, lse = blockwise_forward(
-            q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k
-        )
-        ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc)
-        ctx.settings = (causal, window, scale, block_q, block_k)
+    def forward(ctx, q, k, v, q_coords, k_coords, mask, scale, block_q, block_k):
+        out, lse = blockwise_forward(q, k, v, q_coords, k_coords, mask, scale, block_q, block_k)
+        ctx.save_for_backward(q, k, v, out, lse, *q_coords, *k_coords)
+        ctx.settings = (mask, scale, block_q, block_k)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc = ctx.saved_tensors
-        causal, window, scale, block_q, block_k = ctx.settings
-        dq, dk, dv = blockwise_backward(
-            dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window, scale,
-            block_q=block_q, block_k=block_k,
-        )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 9)
+        q, k, v, out, lse, q_pos, q_doc, k_pos, k_doc = ctx.saved_tensors
+        mask, scale, block_q, block_k = ctx.settings
+        dq, dk, dv = blockwise_backward(dout, q, k, v, out, lse, Coords(q_pos, q_doc), Coords(k_pos, k_doc), mask,
+                                        scale, block_q=block_q, block_k=block_k)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 6)
 
 
 def blockwise_attention(
-    q, k, v, q_pos, k_pos, q_doc, k_doc, causal=True, window=None, scale=None,
+    q, k, v, q_coords: Coords, k_coords: Coords, mask: Mask = CAUSAL, scale=None,
     block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable blockwise attention; same contract as ``dense_attention``."""
-    return BlockwiseAttentionFunction.apply(
-        q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, block_q, block_k
-    )
+    return BlockwiseAttentionFunction.apply(q, k, v, q_coords, k_coords, mask, scale, block_q, block_k)

@@ -34,6 +34,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
     # Tokens per cross-entropy chunk: the loss never holds (seq, vocab) logits.
     loss_chunk_tokens: int = 4096
+    window: int = 0  # sliding-window attention over this many tokens (every strategy and kernel); 0: none
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DataConfig:
     docs_per_seq: int = 1
     num_needles: int = 1
     key_digits: int = 5
+    filler: str = "sentences"  # sentences | words: what the needles hide in
     # text
     path: Optional[str] = None
     jsonl_key: str = "text"
@@ -56,10 +58,11 @@ class DataConfig:
 
 @dataclass
 class CPConfig:
-    strategy: str = "none"  # none | ring | allgather | ulysses | usp | tree | disagg
+    strategy: str = "none"  # a registered strategy: none | ring | allgather | ulysses | usp | tree | disagg
     size: int = 1  # ranks sharing one sequence; world = dp x cp
     layout: str = "contiguous"  # contiguous | zigzag | striped: which tokens each cp rank holds
-    check_shapes: bool = True  # one small all-gather per call: mismatched shards fail, never hang
+    check_shapes: bool = True  # one small all-gather per step: mismatched shards fail, never hang
+    count: bool = False  # per-rank pair / byte / message counters (tests, benchmarks); off: no counting work
     ulysses_size: int = 1  # usp: Ulysses degree inside groups of consecutive ranks; ring across them
     query_chunk: int = 0  # tree: gathered query tokens per rank per chunk (bounds memory); 0 = all at once
     padding: str = "pad"  # pad: extend to the layout's multiple with masked tokens | none: must divide
@@ -142,58 +145,53 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-CP_STRATEGIES = ("none", "ring", "allgather", "ulysses", "usp", "tree", "disagg")
-LAYOUTS = ("contiguous", "zigzag", "striped")
-KERNELS = ("torch", "auto", "triton")
-DTYPES = ("auto", "float32", "float64", "bfloat16")
-
-
 def _one_of(value, allowed, key):
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not valid; use one of {list(allowed)}, e.g. {key}={allowed[0]}")
 
 
 def validate(cfg: TrainConfig, world_size: int) -> int:
-    """Cross-field checks; returns the data-parallel degree."""
-    _one_of(cfg.cp.strategy, CP_STRATEGIES, "cp.strategy")
-    _one_of(cfg.cp.layout, LAYOUTS, "cp.layout")
-    _one_of(cfg.cp.padding, ("pad", "none"), "cp.padding")
-    _one_of(cfg.trainer.decode_eval, ("none", "tree", "ring"), "trainer.decode_eval")
-    if cfg.trainer.decode_eval != "none" and (cfg.data.name != "passkey" or cfg.cp.strategy in ("usp", "disagg")):
+    """Cross-field checks; returns the data-parallel degree. Option names come from where the
+    options are implemented (the strategy registry, layouts, kernels, datasets, ...)."""
+    from lctrain.attention import strategy_names
+    from lctrain.attention.layouts import LAYOUT_NAMES
+    from lctrain.attention.local_kernels import KERNEL_NAMES
+    from lctrain.attention.strategies import get_strategy
+    from lctrain.build import DTYPE_NAMES
+    from lctrain.data import DATASETS
+    from lctrain.data.tokenizer import TOKENIZER_NAMES
+    from lctrain.decode.combine import COMBINES
+    from lctrain.tracking import LOGGER_MODES, LOGGER_NAMES
+
+    _one_of(cfg.cp.strategy, strategy_names(), "cp.strategy")
+    _one_of(cfg.cp.layout, LAYOUT_NAMES, "cp.layout")
+    _one_of(cfg.cp.padding, PADDINGS, "cp.padding")
+    _one_of(cfg.trainer.decode_eval, ("none", *COMBINES), "trainer.decode_eval")
+    _one_of(cfg.kernel.name, KERNEL_NAMES, "kernel.name")
+    _one_of(cfg.trainer.dtype, DTYPE_NAMES, "trainer.dtype")
+    _one_of(cfg.trainer.device, DEVICES, "trainer.device")
+    _one_of(cfg.data.name, tuple(DATASETS), "data.name")
+    _one_of(cfg.data.tokenizer, TOKENIZER_NAMES, "data.tokenizer")
+    _one_of(cfg.logger.name, LOGGER_NAMES, "logger")
+    _one_of(cfg.logger.mode, LOGGER_MODES, "logger.mode")
+    strategy = get_strategy(cfg.cp.strategy)
+    if cfg.trainer.decode_eval != "none" and (cfg.data.name != "passkey" or not strategy.decodes):
+        decoding = [name for name in strategy_names() if get_strategy(name).decodes]
         raise ValueError(
-            f"trainer.decode_eval={cfg.trainer.decode_eval} decodes passkey answers with cp=none/ring/striped/"
-            f"zigzag/allgather/ulysses/tree prefill; with data={cfg.data.name}, cp={cfg.cp.strategy} set "
-            f"trainer.decode_eval=none"
+            f"trainer.decode_eval={cfg.trainer.decode_eval} decodes passkey answers with a prefill by cp="
+            f"{'/'.join(decoding)}; with data={cfg.data.name}, cp={cfg.cp.strategy} set trainer.decode_eval=none"
         )
-    _one_of(cfg.kernel.name, KERNELS, "kernel.name")
-    _one_of(cfg.trainer.dtype, DTYPES, "trainer.dtype")
-    _one_of(cfg.trainer.device, ("auto", "cpu", "cuda"), "trainer.device")
-    _one_of(cfg.data.name, ("passkey", "text"), "data.name")
-    _one_of(cfg.logger.name, ("none", "wandb"), "logger")
-    _one_of(cfg.logger.mode, ("online", "offline", "disabled"), "logger.mode")
     if cfg.cp.size < 1:
         raise ValueError(f"cp.size must be >= 1, got {cfg.cp.size}")
-    if cfg.cp.strategy == "none" and cfg.cp.size != 1:
-        raise ValueError(f"cp=none needs cp.size=1 (got {cfg.cp.size}); pick a cp strategy or set cp.size=1")
-    if cfg.cp.strategy not in ("none", "disagg") and cfg.cp.size < 2:
-        raise ValueError(f"cp.strategy={cfg.cp.strategy} needs cp.size >= 2 (one rank is cp=none)")
-    dp = cfg.trainer.dp if cfg.trainer.dp > 0 else world_size // cfg.cp.size
-    if cfg.cp.strategy == "disagg":
-        dp = _check_disagg(cfg, world_size)
-    if cfg.cp.strategy != "disagg" and dp * cfg.cp.size != world_size:
-        launch = max(dp, 1) * cfg.cp.size
-        raise ValueError(
-            f"world size {world_size} != dp ({dp}) x cp ({cfg.cp.size}); launch "
-            f"{launch} processes (torchrun --nproc-per-node={launch}) or set trainer.dp=-1 "
-            f"and a cp.size that divides {world_size}"
-        )
     m = cfg.model
     if m.dim % m.num_heads or m.num_heads % m.num_kv_heads or (m.dim // m.num_heads) % 2:
         raise ValueError(
             f"model.dim ({m.dim}) / model.num_heads ({m.num_heads}) must be an even head_dim and "
             f"num_heads must divide by model.num_kv_heads ({m.num_kv_heads})"
         )
-    _check_cp_heads_and_length(cfg)
+    if m.window < 0:
+        raise ValueError(f"model.window must be >= 0 tokens (0: no sliding window), got {m.window}")
+    dp = strategy.validate(cfg, world_size)
     for key in ("steps", "micro_batch_size", "grad_accum", "eval_samples", "keep_checkpoints"):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be >= 1, got {getattr(cfg.trainer, key)}")
@@ -208,55 +206,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     return dp
 
 
-def _check_cp_heads_and_length(cfg: TrainConfig) -> None:
-    """Head sharding of ulysses/usp and the sequence length every layout can deal."""
-    from lctrain.attention.ulysses import usable_degrees
-    from lctrain.distributed.groups import check_degrees
-
-    cp, m = cfg.cp, cfg.model
-    degree = {"ulysses": cp.size, "usp": cp.ulysses_size}.get(cp.strategy, 1)
-    if cp.strategy == "usp":
-        check_degrees(cp.size, 1, cp.size, cp.ulysses_size)
-    if degree not in usable_degrees(m.num_heads, m.num_kv_heads):
-        raise ValueError(
-            f"cp={cp.strategy} splits heads {degree} ways: model.num_heads ({m.num_heads}) must divide by "
-            f"it and model.num_kv_heads ({m.num_kv_heads}) divide it or by it; Ulysses degrees that work: "
-            f"{usable_degrees(m.num_heads, m.num_kv_heads)} (or use cp=striped)"
-        )
-    if cp.strategy in ("none", "disagg"):
-        return
-    multiple = 2 * cp.size if cp.layout == "zigzag" else cp.size
-    if cfg.data.seq_len < cp.size:
-        raise ValueError(
-            f"data.seq_len={cfg.data.seq_len} is shorter than cp.size={cp.size}: some cp rank would hold "
-            f"only padding; use data.seq_len >= {cp.size} or a smaller cp.size"
-        )
-    if cp.padding == "none" and cfg.data.seq_len % multiple:
-        raise ValueError(
-            f"cp.layout={cp.layout} over cp.size={cp.size} deals sequences in multiples of {multiple}, "
-            f"and data.seq_len={cfg.data.seq_len} is not one; set data.seq_len="
-            f"{-(-cfg.data.seq_len // multiple) * multiple} or cp.padding=pad (masked padding tokens)"
-        )
-
-
-def _check_disagg(cfg: TrainConfig, world_size: int) -> int:
-    """cp=disagg settings; returns the number of (data-parallel) worker ranks."""
-    d = cfg.disagg
-    if cfg.cp.size != 1:
-        raise ValueError(f"cp=disagg keeps cp.size=1 (each worker holds whole sequences), got {cfg.cp.size}; "
-                         f"set cp.size=1")
-    _one_of(d.mode, ("colocated", "dedicated"), "disagg.mode")
-    if d.mode == "dedicated" and not 1 <= d.num_servers < world_size:
-        raise ValueError(f"disagg.mode=dedicated needs 1 <= disagg.num_servers < world size ({world_size}), got "
-                         f"{d.num_servers}; launch more processes or lower disagg.num_servers")
-    if d.timeout_s <= 0 or d.max_docs < 1 or d.chunk_tokens < 0:
-        raise ValueError(f"disagg: need timeout_s > 0, max_docs >= 1 and chunk_tokens >= 0 (0 = whole documents), "
-                         f"got {d.timeout_s}, {d.max_docs}, {d.chunk_tokens}")
-    workers = world_size - d.num_servers if d.mode == "dedicated" else world_size
-    if cfg.trainer.dp > 0 and cfg.trainer.dp != workers:
-        raise ValueError(f"cp=disagg trains data parallel over its {workers} worker ranks; set trainer.dp=-1 "
-                         f"(got trainer.dp={cfg.trainer.dp})")
-    return workers
+PADDINGS = ("pad", "none")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def run_id() -> str:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
+
+LOGGER_NAMES = ("none", "wandb")
+LOGGER_MODES = ("online", "offline", "disabled")  # wandb modes
 
 
 class Tracker:
@@ -66,7 +69,3 @@ def _start_wandb(run_dir: Path, cfg, full_config: Dict[str, Any]):
             init_timeout=60,
         ),
     )
-
-
-def open_tracker(run_dir: Optional[Path], logger_cfg, full_config, is_main: bool) -> Tracker:
-    return Tracker(Path(run_dir) if run_dir else Path("."), logger_cfg, full_config, enabled=is_main)

@@ -20,21 +20,21 @@ register_configs()
 @hydra.main(config_path="pkg://lctrain.conf", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
     from lctrain.distributed import init_distributed, shutdown_distributed
-    from lctrain.trainer import Trainer
+    from lctrain.trainer import build_rank
 
-    trainer = None
+    rank = None
     try:
         # Every config mistake surfaces here, before any process group or collective exists.
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         env = init_distributed(cfg.trainer.device)
-        trainer = Trainer(cfg, env, HydraConfig.get().runtime.output_dir)
-        return trainer.fit()["final/train_loss"]
+        rank = build_rank(cfg, env, HydraConfig.get().runtime.output_dir)
+        return rank.fit()["final/train_loss"]
     except ValueError as err:  # a user mistake: one line naming the fix, no traceback
         print(f"lctrain: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        if trainer is not None:
-            trainer.close()
+        if rank is not None:
+            rank.close()
         shutdown_distributed()
 
 

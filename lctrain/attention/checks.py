@@ -1,4 +1,4 @@
-"""Input checks shared by the context-parallel strategies.
+"""Input checks shared by the attention strategies.
 
 Every check is local and rank-symmetric (each rank raises the same
 ValueError), so a mistake fails before any collective can hang.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from lctrain_kernels.mask import as_batched
+from lctrain_kernels.mask import Coords
 
 
-def check_qkv(q, k, v, window, seq_word: str = "sequence length") -> None:
-    """Shapes, GQA head ratio, dtypes and window of one attention call."""
+def check_qkv(q, k, v, seq_word: str = "sequence length") -> None:
+    """Shapes, GQA head ratio and dtypes of one attention call."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
@@ -30,15 +30,13 @@ def check_qkv(q, k, v, window, seq_word: str = "sequence length") -> None:
         )
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be a positive number of tokens or None, got {window}")
 
 
-def check_coords(coords: dict, batch: int, seq_len: int, required: bool) -> None:
-    """Per-token coordinates: (seq,) or (batch, seq) integer tensors; None allowed unless required."""
-    for name, coord in coords.items():
-        if coord is None and not required:
-            continue
+def check_coords(coords: Coords, batch: int, seq_len: int) -> None:
+    """Per-token coordinates: (seq,) or (batch, seq) integer tensors."""
+    if not isinstance(coords, Coords):
+        raise ValueError(f"coordinates must be a Coords(token_pos, doc_ids), got {type(coords).__name__}")
+    for name, coord in zip(Coords._fields, coords):
         if not isinstance(coord, torch.Tensor) or coord.is_floating_point():
             raise ValueError(f"{name} must be an integer tensor of global coordinates (layout.positions)")
         if tuple(coord.shape) not in ((seq_len,), (batch, seq_len)):
@@ -48,17 +46,13 @@ def check_coords(coords: dict, batch: int, seq_len: int, required: bool) -> None
             )
 
 
-def check_shard_inputs(q, k, v, q_pos, q_doc, window) -> None:
+def check_shard_inputs(q, k, v, coords: Coords) -> None:
     """A context-parallel call on this rank's shard; raises before any collective is issued."""
-    check_qkv(q, k, v, window, seq_word="local sequence length")
-    check_coords({"q_pos": q_pos, "q_doc": q_doc}, q.shape[0], q.shape[1], required=True)
+    check_qkv(q, k, v, seq_word="local sequence length")
+    check_coords(coords, q.shape[0], q.shape[1])
 
 
-def shard_coords(q, q_pos, q_doc) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coordinates as the P2P strategies send them: long, on q's device, both (1 or b, s_local)
+def shard_coords(q, coords: Coords) -> Coords:
+    """Coordinates as the strategies send them: long, on q's device, both (1 or b, s_local)
     of one shape (one is per batch row: both travel as (b, s_local)), contiguous."""
-    q_pos = as_batched(q_pos.to(device=q.device, dtype=torch.long))
-    q_doc = as_batched(q_doc.to(device=q.device, dtype=torch.long))
-    if q_pos.shape != q_doc.shape:
-        q_pos, q_doc = q_pos.expand(q.shape[0], -1), q_doc.expand(q.shape[0], -1)
-    return q_pos.contiguous(), q_doc.contiguous()
+    return coords.to(q.device).batched()

@@ -1,8 +1,8 @@
 """The local kernels a strategy runs per block, behind one interface.
 
-Every kernel takes separate query and key coordinates, returns fp32 lse and
-accepts an external (merged) lse in backward, so any strategy can run on any
-of them:
+Every kernel takes separate query and key coordinates (``Coords``) and a ``Mask``,
+returns fp32 lse and accepts an external (merged) lse in backward, so any
+strategy can run on any of them:
 
 - ``torch``: the blockwise PyTorch kernel (any device, any float dtype, fp64 too);
 - ``triton``: the Triton kernels (CUDA; on CPU through the Triton interpreter,
@@ -21,18 +21,17 @@ import torch
 
 from lctrain_kernels.torch_blockwise import blockwise_attention, blockwise_backward, blockwise_forward
 
-KERNEL_NAMES = ("auto", "torch", "triton")
+KERNEL_NAMES = ("torch", "auto", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
 class LocalKernel:
     name: str
-    forward: Callable  # (q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale, out_dtype=None)
-    #                     -> (out, lse)
-    backward: Callable  # (dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window, scale,
-    #                      delta=None) -> (dq, dk, dv)
-    attention: Callable  # differentiable (q, k, v, q_pos, k_pos, q_doc, k_doc, causal, window, scale)
+    forward: Callable  # (q, k, v, q_coords, k_coords, mask, scale=None, out_dtype=None) -> (out, lse)
+    backward: Callable  # (dout, q, k, v, out, lse, q_coords, k_coords, mask, scale=None, delta=None)
+    #                      -> (dq, dk, dv) in the accumulation dtype
+    attention: Callable  # differentiable (q, k, v, q_coords, k_coords, mask, scale=None) -> (out, lse)
 
 
 TORCH_KERNEL = LocalKernel("torch", blockwise_forward, blockwise_backward, blockwise_attention)
@@ -43,7 +42,7 @@ def triton_installed() -> bool:
 
 
 def _triton_kernel() -> LocalKernel:
-    from lctrain_kernels.triton_attention import triton_attention, triton_backward, triton_forward
+    from lctrain_kernels.triton.attention import triton_attention, triton_backward, triton_forward
 
     return LocalKernel("triton", triton_forward, triton_backward, triton_attention)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lctrain_kernels.mask import Coords, Mask
 from lctrain_kernels.reference import dense_attention
 
 
@@ -29,7 +30,7 @@ def reference_attention(
             f"reference_attention works on full sequences: q has {seq_len} tokens but k has "
             f"{k.shape[1]}; pass the same sequence for q, k and v"
         )
-    positions = torch.arange(seq_len, device=q.device)
-    if doc_ids is None:
-        doc_ids = torch.zeros(seq_len, dtype=torch.long, device=q.device)
-    return dense_attention(q, k, v, positions, positions, doc_ids, doc_ids, causal, window, scale)
+    coords = Coords.of_sequence(seq_len, q.device)
+    if doc_ids is not None:
+        coords = Coords(coords.token_pos, doc_ids.to(q.device))
+    return dense_attention(q, k, v, coords, coords, Mask(causal, window), scale)

@@ -13,22 +13,19 @@ from lctrain.data.sample import IGNORE_INDEX, SAMPLE_KEYS
 from lctrain.data.text import TextDataset
 from lctrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
-DATASET_NAMES = ("passkey", "text")
+DATASETS = {"passkey": PasskeyDataset, "text": TextDataset}
 
 
-def build_dataset(
-    name: str, *, seq_len: int, seed: int, tokenizer: Tokenizer, **kwargs
-) -> PasskeyDataset | TextDataset:
-    """`passkey` kwargs: docs_per_seq, num_needles, key_digits; `text` kwargs: path, jsonl_key."""
-    if name == "passkey":
-        return PasskeyDataset(seq_len=seq_len, seed=seed, tokenizer=tokenizer, **kwargs)
-    if name == "text":
-        return TextDataset(seq_len=seq_len, seed=seed, tokenizer=tokenizer, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+def build_dataset(data, tokenizer: Tokenizer) -> PasskeyDataset | TextDataset:
+    """The dataset a ``DataConfig`` describes (``data.name`` picks it; each dataset class maps the
+    config fields onto its own constructor in ``from_config``)."""
+    if data.name not in DATASETS:
+        raise ValueError(f"unknown dataset {data.name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[data.name].from_config(data, tokenizer)
 
 
 __all__ = [
-    "DATASET_NAMES",
+    "DATASETS",
     "EVAL_INDEX_OFFSET",
     "IGNORE_INDEX",
     "SAMPLE_KEYS",

@@ -117,6 +117,12 @@ class PasskeyDataset:
                 "raise seq_len or lower docs_per_seq / num_needles"
             )
 
+    @classmethod
+    def from_config(cls, data, tokenizer: Tokenizer) -> PasskeyDataset:
+        """The dataset ``data=passkey`` describes (a ``DataConfig``)."""
+        return cls(seq_len=data.seq_len, seed=data.seed, tokenizer=tokenizer, docs_per_seq=data.docs_per_seq,
+                   num_needles=data.num_needles, key_digits=data.key_digits, filler=data.filler)
+
     def _encode(self, text: str) -> np.ndarray:
         return np.array(self.tokenizer.encode(text), dtype=np.int64)
 

@@ -10,12 +10,13 @@ A sample is a dict of 1-D tensors of length seq_len (see `SAMPLE_KEYS`):
                        first token, continuing the real positions for a piece
                        of a document split across sequences
 - `doc_ids`     int64  0, 1, 2, ... per document within the sequence,
-                       non-decreasing (the `doc` coordinate of DESIGN.md §1)
+                       non-decreasing (what the attention mask compares)
 - `answer_mask` bool   True where the LABEL is a token the model must retrieve
                        (passkey answer digits); all False for plain text
 
-The `pos` coordinate of DESIGN.md §1 is the index in the sequence, so it is not
-stored: it is `arange(seq_len)` before any layout shards it.
+The global token index (`token_pos`, what layouts shard and the mask compares
+positions of) is the index in the sequence, so it is not stored: the trainer
+adds `arange(seq_len)` before any layout shards the batch.
 """
 
 from __future__ import annotations

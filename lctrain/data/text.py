@@ -100,6 +100,12 @@ class TextDataset:
             )
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
+    @classmethod
+    def from_config(cls, data, tokenizer: Tokenizer) -> TextDataset:
+        """The dataset ``data=text`` describes (a ``DataConfig``)."""
+        return cls(path=data.path, seq_len=data.seq_len, seed=data.seed, tokenizer=tokenizer,
+                   jsonl_key=data.jsonl_key)
+
     def __len__(self) -> int:
         """Sequences in one epoch; any index >= 0 is valid (later epochs)."""
         return self.sequences_per_epoch

@@ -4,22 +4,23 @@ Each data-parallel worker passes its own full packed batch. Padding tokens (doc 
 are dropped and every batch row's documents become the worker's document list, so the
 servers see only real work; outputs come back scattered into place (padding: out 0,
 lse -inf, like the reference). A call is three steps so that two half-batches can
-interleave (``pingpong``): ``start`` (control + post requests), ``serve`` (server
+interleave (ping-pong): ``start`` (control + post requests), ``serve`` (server
 role: compute what arrived, post results) and ``complete`` (collect results, as an
 autograd Function whose backward is one synchronous exchange of dout, lse and delta).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from lctrain.attention.checks import check_coords, check_qkv
-from lctrain_kernels.mask import PAD_DOC
+from lctrain_kernels.mask import CAUSAL, PAD_DOC, Coords, Mask
 from lctrain_kernels.reference import accumulation_dtype
 
-from .runtime import BACKWARD, FORWARD, CallSpec, DisaggRuntime
+from .protocol import BACKWARD, FORWARD, CallSpec
+from .runtime import DisaggRuntime
 
 
 @dataclass
@@ -32,10 +33,10 @@ class Packing:
     seq: int
 
 
-def pack_tokens(doc_ids: torch.Tensor | None, positions: torch.Tensor | None, batch: int, seq: int) -> Packing:
+def pack_tokens(coords: Coords, batch: int, seq: int) -> Packing:
     """Document runs of every row; ValueError unless each run has consecutive positions."""
-    doc = torch.zeros(batch, seq, dtype=torch.long) if doc_ids is None else doc_ids.cpu().long().expand(batch, seq)
-    pos = torch.arange(seq).expand(batch, seq) if positions is None else positions.cpu().long().expand(batch, seq)
+    doc = coords.doc_ids.cpu().long().expand(batch, seq)
+    pos = coords.token_pos.cpu().long().expand(batch, seq)
     same = doc[:, 1:] == doc[:, :-1]
     if bool((same & (doc[:, 1:] != PAD_DOC) & (pos[:, 1:] - pos[:, :-1] != 1)).any()):
         raise ValueError("disagg attention needs consecutive positions inside each document "
@@ -111,7 +112,7 @@ def _collect_forward(pending: PendingCall, q: torch.Tensor):
 def _exchange_backward(pending: PendingCall, q, k, v, out, lse, dout):
     p, rt = pending.packing, pending.attention.runtime
     acc = accumulation_dtype(q.dtype)
-    spec = CallSpec(BACKWARD, 0, *_settings(pending.spec), pending.spec.lengths)
+    spec = replace(pending.spec, op=BACKWARD, slot=0)
     lse_c = lse.transpose(0, 1).reshape(lse.shape[1], -1)[:, p.index]
     dout_c = _compact(dout, p)
     delta_c = (dout_c.to(acc) * _compact(out, p).to(acc)).sum(-1).transpose(0, 1).contiguous()
@@ -133,35 +134,41 @@ def _exchange_backward(pending: PendingCall, q, k, v, out, lse, dout):
     return full
 
 
-def _settings(spec: CallSpec):
-    return spec.causal, spec.window, spec.scale, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype
-
-
 class DisaggAttention:
-    """Same call contract as ``ContextParallelAttention``, on each worker's own full batch."""
+    """Same call contract (and trainer hooks) as the other attention callables, on each worker's
+    own full batch. ``ping_pong``: the model runs two half-batches interleaved layer by layer
+    (``interleaves_halves``) through ``start`` / ``serve`` / ``complete``."""
 
     strategy = "disagg"
 
-    def __init__(self, runtime: DisaggRuntime):
+    def __init__(self, runtime: DisaggRuntime, ping_pong: bool = False):
         self.runtime = runtime
         self.counters = runtime.counters
+        self.interleaves_halves = ping_pong
 
     def __repr__(self) -> str:
         return f"DisaggAttention({self.runtime!r})"
 
-    def start(self, q, k, v, causal=True, doc_ids=None, window=None, positions=None, scale=None,
+    def begin_step(self) -> None:
+        """Nothing to re-arm: every call's control exchange checks the workers agree."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """The last plan's predicted balance next to what no servers would give."""
+        return self.runtime.plan_stats()
+
+    def start(self, q, k, v, coords: Coords | None = None, mask: Mask = CAUSAL, scale=None,
               slot: int = 0) -> PendingCall:
         """Control exchange and post the requests; the caller may compute until ``complete``."""
         if not self.runtime.is_worker:
             raise ValueError(f"rank {self.runtime.rank} is a dedicated attention server; it runs serve(), "
                              f"not the model")
-        check_qkv(q, k, v, window)
-        check_coords({"positions": positions, "doc_ids": doc_ids}, q.shape[0], q.shape[1], required=False)
+        check_qkv(q, k, v)
+        coords = Coords.of_sequence(q.shape[1]) if coords is None else coords
+        check_coords(coords, q.shape[0], q.shape[1])
         if q.device.type != "cpu":
             raise ValueError("disagg attention runs on CPU tensors in this version (gloo all-to-all)")
-        packing = pack_tokens(doc_ids, positions, q.shape[0], q.shape[1])
-        spec = CallSpec(FORWARD, slot, causal, window, scale, q.shape[2], k.shape[2], q.shape[3], q.dtype,
-                        packing.lengths)
+        packing = pack_tokens(coords, q.shape[0], q.shape[1])
+        spec = CallSpec(FORWARD, slot, mask.causal, mask.window, scale, q.shape[2], k.shape[2], q.shape[3], q.dtype)
         tensors = {name: _compact(x.detach(), packing) for name, x in (("q", q), ("k", k), ("v", v))}
         call = self.runtime.begin(spec, packing.lengths, tensors)
         return PendingCall(self, call, packing, call.spec)
@@ -175,26 +182,14 @@ class DisaggAttention:
         out, lse = DisaggAttentionFunction.apply(q, k, v, pending)
         return (out, lse) if return_lse else out
 
-    def __call__(self, q, k, v, causal=True, doc_ids=None, window=None, positions=None, scale=None,
-                 return_lse=False):
+    def __call__(self, q, k, v, coords: Coords | None = None, mask: Mask = CAUSAL, scale=None, return_lse=False):
         """q (b, s, h, d), k / v (b, s, h_kv, d): this worker's batch -> out (b, s, h, d) [, lse (b, h, s)]."""
-        pending = self.start(q, k, v, causal, doc_ids, window, positions, scale)
+        pending = self.start(q, k, v, coords, mask, scale)
         return self.complete(pending, q, k, v, return_lse)
 
-    def stop(self) -> None:
+    def finish(self) -> None:
         """Release the servers (every worker calls it once, after its last attention call)."""
         self.runtime.stop()
-
-
-def build_disagg_attention(mode: str = "colocated", num_servers: int | None = None, group=None,
-                           chunk_tokens: int | None = None, timeout_s: float = 300.0,
-                           max_docs: int = 256) -> DisaggAttention:
-    """Attention servers over ``group`` (None: the world); every rank of it must call this.
-
-    colocated: every rank is a worker and a server. dedicated: the last ``num_servers``
-    ranks only serve (call ``serve(attention)`` there), the others are workers.
-    """
-    return DisaggAttention(DisaggRuntime(mode, num_servers, group, chunk_tokens, timeout_s, max_docs))
 
 
 def serve(attention: DisaggAttention | DisaggRuntime) -> int:

@@ -1,51 +1,142 @@
-"""Wire format between workers and attention servers: int64 tensors and flat payloads, no pickle.
+"""The wire format between workers and attention servers: flat tensors, no pickle.
 
-Three messages, all plain tensors so they travel by all_gather / all_to_all_single:
+Every message travels by all_gather / all_to_all_single, and every rank computes each
+message's size from the plan, so nothing is sent to announce sizes. Per attention call:
 
-- metadata (one per worker, gathered by all): ``[MAGIC, VERSION, rank, num_docs,
-  num_pad_tokens, len_0, ..., len_{max_docs-1}]``, zero-padded to a width every
-  rank agrees on (from the config), so it all-gathers as one tensor;
-- task headers (worker -> server): an (N, NUM_FIELDS) int64 table, one row per
-  task in task_id order, see ``Field``;
-- payloads: per task its q (q_len, h, d), then k and v (kv_len, h_kv, d),
-  flattened and concatenated; results come back as one flat ``out`` and one
-  flat ``lse`` tensor in the same task order.
+1. control row (every rank, all-gathered): int64 ``[opcode, slot, causal, window (-1:
+   none), scale as float64 bits (0: default), num_heads, num_kv_heads, head_dim, wire
+   dtype index]`` (``NUM_CONTROL`` fields), then the worker's metadata ``[MAGIC, VERSION,
+   rank, num_docs, num_pad_tokens, len_0, ..., len_{max_docs-1}]``, zero-padded to a
+   width every rank agrees on. Servers send an all-zero IDLE row; a dedicated server that
+   aborted a call sends ``[ABORT, status, culprit rank]``.
+2. task headers (worker -> server): an (N, NUM_FIELDS) int64 table, one row per task in
+   task_id order, see ``Field``.
+3. request (worker -> server), in the wire dtype (q's dtype): every task's q (q_len, h,
+   d), k and v (kv_len, h_kv, d), in header order (the headers' payload offsets address
+   this part); a BACKWARD request then carries every task's dout (q_len, h, d), lse and
+   delta (h, q_len).
+4. results (server -> worker): a status head, the int64 pair (status, culprit rank), then
+   per task out (q_len, h, d) and lse (h, q_len) for FORWARD, or dq (q_len, h, d), dk and
+   dv (kv_len, h_kv, d) for BACKWARD. Every server sends the head to every worker, even
+   to one it has no tasks of, so a failing server can tell all of them.
 
-Receivers validate before indexing anything, so a desynchronised or buggy
-peer fails with a ValueError naming it instead of reading garbage.
+lse, delta and the gradients stay in the accumulation dtype (float32; float64 on a float64
+wire), bit-cast to the wire dtype, so a bf16 wire rounds none of them. Receivers validate
+before indexing anything, so a desynchronised or buggy peer fails with a ValueError
+naming it instead of reading garbage.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 import torch
+
+from lctrain_kernels.mask import Mask
+from lctrain_kernels.reference import accumulation_dtype
+
+IDLE, FORWARD, BACKWARD, STOP, ABORT = 0, 1, 2, 3, 4
+OPCODES = {IDLE: "IDLE", FORWARD: "FORWARD", BACKWARD: "BACKWARD", STOP: "STOP", ABORT: "ABORT"}
+OK, MALFORMED, FAILED = 0, 1, 2  # a server's status of one call; MALFORMED comes with the culprit sender
+NUM_SLOTS = 2  # calls in flight at once (ping-pong), each on its own process group
+WIRE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+NUM_CONTROL = 9  # control fields before the metadata
+STATUS_BYTES = 16  # (status, culprit rank) as int64
 
 META_MAGIC = 0x4C43_4441  # "LCDA"
 META_VERSION = 1
 META_HEADER = 5  # magic, version, rank, num_docs, num_pad_tokens
 
 
-class Field(IntEnum):
-    """Columns of a task header row."""
+class MalformedRequest(ValueError):
+    """A request's task headers are malformed or disagree with the server's plan; ``sender`` sent them."""
 
-    TASK_ID = 0
-    WORKER = 1
-    SERVER = 2
-    DOC = 3
-    Q_START = 4
-    Q_LEN = 5
-    KV_START = 6
-    KV_LEN = 7
-    PAYLOAD_OFFSET = 8  # elements into the sender's payload where this task's q starts
-    PAYLOAD_NUMEL = 9  # (q_len * h + 2 * kv_len * h_kv) * d
-    NUM_HEADS = 10
-    NUM_KV_HEADS = 11
-    HEAD_DIM = 12
+    def __init__(self, message: str, sender: int):
+        super().__init__(message)
+        self.sender = sender
 
 
-NUM_FIELDS = len(Field)
+# ----------------------------------------------------------------------------- control
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """What the workers asked for; identical on every rank after the control exchange."""
+
+    op: int
+    slot: int
+    causal: bool
+    window: int | None
+    scale: float | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype  # the wire dtype: q's
+    lengths: tuple[tuple[int, ...], ...] = ()  # every worker's document lengths, from the exchange
+
+    @property
+    def mask(self) -> Mask:
+        return Mask(self.causal, self.window)
+
+
+STOP_CALL = CallSpec(STOP, 0, True, None, None, 0, 0, 0, torch.float32)
+
+
+def _float_bits(x: float | None) -> int:
+    return 0 if x is None else struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _bits_float(bits: int) -> float | None:
+    return None if bits == 0 else struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _control_row(max_docs: int, *fields: int) -> torch.Tensor:
+    row = torch.zeros(NUM_CONTROL + metadata_width(max_docs), dtype=torch.int64)
+    row[:len(fields)] = torch.tensor(fields, dtype=torch.int64)
+    return row
+
+
+def control_row(rank: int, max_docs: int, spec: CallSpec | None = None, lengths=None) -> torch.Tensor:
+    """A worker's row asking for ``spec`` on its documents ``lengths``; without ``spec``, a server's IDLE."""
+    if spec is None:
+        return _control_row(max_docs, IDLE)
+    row = _control_row(max_docs, spec.op, spec.slot, int(spec.causal), -1 if spec.window is None else spec.window,
+                       _float_bits(spec.scale), spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                       WIRE_DTYPES.index(spec.dtype))
+    row[NUM_CONTROL:] = pack_metadata(lengths, rank, max_docs)
+    return row
+
+
+def abort_row(status: int, culprit: int, max_docs: int) -> torch.Tensor:
+    return _control_row(max_docs, ABORT, status, culprit)
+
+
+def read_abort(row: torch.Tensor) -> tuple[int, int] | None:
+    """(status, culprit) of an ABORT row; None for any other row."""
+    return tuple(row[1:3].tolist()) if int(row[0]) == ABORT else None
+
+
+def parse_control(rows: Sequence[torch.Tensor], num_workers: int) -> CallSpec:
+    """The call every worker (ranks 0..num_workers-1) asked for; ValueError naming the rank that disagrees."""
+    head = rows[0][:NUM_CONTROL].tolist()
+    for r in range(1, num_workers):
+        other = rows[r][:NUM_CONTROL].tolist()
+        if other != head:
+            raise ValueError(f"disagg workers out of step: rank {r} sent control {other} but rank 0 sent "
+                             f"{head} (different opcodes, slots, shapes or settings)")
+    op, slot, causal, window, scale, num_heads, num_kv_heads, head_dim, dtype = head
+    if op == STOP:
+        return STOP_CALL
+    if op not in (FORWARD, BACKWARD) or not 0 <= slot < NUM_SLOTS or not 0 <= dtype < len(WIRE_DTYPES):
+        raise ValueError(f"malformed disagg control from rank 0: {head} (ranks run different lctrain versions?)")
+    lengths = tuple(tuple(unpack_metadata(rows[r][NUM_CONTROL:], r)[0]) for r in range(num_workers))
+    return CallSpec(op, slot, bool(causal), None if window < 0 else window, _bits_float(scale), num_heads,
+                    num_kv_heads, head_dim, WIRE_DTYPES[dtype], lengths)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -102,6 +193,27 @@ def unpack_metadata(meta: torch.Tensor, sender_rank: int, seq_len: int | None = 
 # ----------------------------------------------------------------------------- task headers
 
 
+class Field(IntEnum):
+    """Columns of a task header row."""
+
+    TASK_ID = 0
+    WORKER = 1
+    SERVER = 2
+    DOC = 3
+    Q_START = 4
+    Q_LEN = 5
+    KV_START = 6
+    KV_LEN = 7
+    PAYLOAD_OFFSET = 8  # elements into the request where this task's q starts
+    PAYLOAD_NUMEL = 9  # its q, k, v: (q_len * h + 2 * kv_len * h_kv) * d
+    NUM_HEADS = 10
+    NUM_KV_HEADS = 11
+    HEAD_DIM = 12
+
+
+NUM_FIELDS = len(Field)
+
+
 def payload_numel(q_len: int, kv_len: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
     return (q_len * num_heads + 2 * kv_len * num_kv_heads) * head_dim
 
@@ -121,10 +233,11 @@ def build_task_headers(scheduled_tasks: Sequence, num_heads: int, num_kv_heads: 
 def validate_headers(headers: torch.Tensor, payload_numel_total: int, sender_rank: int, *,
                      receiver_rank: int | None = None, num_heads: int | None = None,
                      num_kv_heads: int | None = None, head_dim: int | None = None) -> None:
-    """Raise ValueError naming ``sender_rank`` unless the headers describe ``payload_numel_total`` exactly."""
+    """MalformedRequest naming ``sender_rank`` unless the headers describe ``payload_numel_total`` q/k/v
+    elements exactly."""
 
     def fail(problem: str):
-        raise ValueError(f"malformed task headers from rank {sender_rank}: {problem}")
+        raise MalformedRequest(f"malformed task headers from rank {sender_rank}: {problem}", sender_rank)
 
     if not isinstance(headers, torch.Tensor) or headers.dtype != torch.int64 or headers.dim() != 2 \
             or headers.shape[1] != NUM_FIELDS:
@@ -168,64 +281,133 @@ def validate_headers(headers: torch.Tensor, payload_numel_total: int, sender_ran
         fail(f"rows describe {offset} payload elements but {payload_numel_total} arrived")
 
 
-# ----------------------------------------------------------------------------- payloads
+def check_request_headers(rows: torch.Tensor, scheduled: Sequence, spec: CallSpec, sender: int,
+                          receiver: int) -> None:
+    """MalformedRequest naming ``sender`` unless its headers are well formed and equal this server's plan
+    (``scheduled``: the tasks ``sender`` sends ``receiver``, in task_id order)."""
+    expected = build_task_headers(scheduled, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    validate_headers(rows, int(expected[:, Field.PAYLOAD_NUMEL].sum()), sender, receiver_rank=receiver,
+                     num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
+    if not torch.equal(rows, expected):
+        bad = int((rows != expected).any(dim=1).nonzero()[0])
+        raise MalformedRequest(f"malformed task headers from rank {sender}: row {bad} is {rows[bad].tolist()} but "
+                               f"this server's plan says {expected[bad].tolist()} (ranks computed different plans)",
+                               sender)
 
 
-def _tokens_heads_dim(x: torch.Tensor, name: str) -> torch.Tensor:
-    """(s, h, d) view of a worker's local tensor, accepting a batch of one."""
-    if x.dim() == 4 and x.shape[0] == 1:
-        return x[0]
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be (seq, heads, head_dim) or (1, seq, heads, head_dim), got {tuple(x.shape)}")
-    return x
+# ----------------------------------------------------------------------------- requests and results
 
 
-def pack_payload(headers: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The sender's flat payload for ``headers``: per row q[q_range], k[kv_range], v[kv_range]."""
-    q, k, v = (_tokens_heads_dim(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    pieces = []
-    for row in headers.tolist():
-        qs, ql, ks, kl = row[Field.Q_START], row[Field.Q_LEN], row[Field.KV_START], row[Field.KV_LEN]
-        pieces += [q[qs:qs + ql].reshape(-1), k[ks:ks + kl].reshape(-1), v[ks:ks + kl].reshape(-1)]
-    return torch.cat(pieces) if pieces else q.new_empty(0)
+class Part(NamedTuple):
+    """One tensor of a task's request or result."""
+
+    tokens: str  # "q": one row per query of the task, "kv": per key
+    stat: bool  # a softmax statistic (heads, tokens), not values (tokens, heads, head_dim)
+    accumulated: bool  # in the accumulation dtype, bit-cast to the wire dtype
 
 
-def unpack_payload(headers: torch.Tensor, payload: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """Per row (q (q_len, h, d), k, v (kv_len, h_kv, d)) views into a validated payload."""
-    out = []
-    for row in headers.tolist():
-        h, h_kv, d = row[Field.NUM_HEADS], row[Field.NUM_KV_HEADS], row[Field.HEAD_DIM]
-        q_numel, kv_numel = row[Field.Q_LEN] * h * d, row[Field.KV_LEN] * h_kv * d
-        flat = payload.narrow(0, row[Field.PAYLOAD_OFFSET], row[Field.PAYLOAD_NUMEL])
-        q, k, v = flat.split([q_numel, kv_numel, kv_numel])
-        out.append((q.view(-1, h, d), k.view(-1, h_kv, d), v.view(-1, h_kv, d)))
-    return out
+_VALUES, _KEYS, _STAT = Part("q", False, False), Part("kv", False, False), Part("q", True, True)
+QKV_PARTS = {"q": _VALUES, "k": _KEYS, "v": _KEYS}
+BACKWARD_PARTS = {"dout": _VALUES, "lse": _STAT, "delta": _STAT}
+REQUEST_SECTIONS = {FORWARD: (QKV_PARTS,), BACKWARD: (QKV_PARTS, BACKWARD_PARTS)}  # every task's, in turn
+RESULT_PARTS = {FORWARD: {"out": _VALUES, "lse": _STAT},
+                BACKWARD: {"dq": Part("q", False, True), "dk": Part("kv", False, True), "dv": Part("kv", False, True)}}
 
 
-def pack_results(results: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per task (out (q_len, h, d), lse (h, q_len)) -> (flat out, flat lse), same task order as the headers."""
-    outs = [o.reshape(-1) for o, _ in results]
-    lses = [l.reshape(-1) for _, l in results]
-    if not results:
-        return torch.empty(0), torch.empty(0)
-    return torch.cat(outs), torch.cat(lses)
+def _layout(part: Part, spec: CallSpec, task) -> tuple[tuple[int, ...], torch.dtype, int]:
+    """(shape, dtype, wire elements) of ``part`` for one task."""
+    tokens, heads = (task.q_len, spec.num_heads) if part.tokens == "q" else (task.kv_len, spec.num_kv_heads)
+    shape = (heads, tokens) if part.stat else (tokens, heads, spec.head_dim)
+    dtype = accumulation_dtype(spec.dtype) if part.accumulated else spec.dtype
+    return shape, dtype, math.prod(shape) * dtype.itemsize // spec.dtype.itemsize
 
 
-def write_results(headers: torch.Tensor, out_flat: torch.Tensor, lse_flat: torch.Tensor, sender_rank: int,
-                  out_local: torch.Tensor, lse_local: torch.Tensor) -> None:
-    """Scatter a server's flat results for ``headers`` into the worker's out (s, h, d) and lse (h, s).
+def request_numel(spec: CallSpec, task) -> int:
+    """Wire elements of one task's request."""
+    return sum(_layout(p, spec, task)[2] for section in REQUEST_SECTIONS[spec.op] for p in section.values())
 
-    The worker built ``headers`` itself, so only the sizes of what arrived need checking.
+
+def result_numel(spec: CallSpec, task) -> int:
+    """Wire elements of one task's results (the status head not counted)."""
+    return sum(_layout(p, spec, task)[2] for p in RESULT_PARTS[spec.op].values())
+
+
+def status_numel(dtype: torch.dtype) -> int:
+    return STATUS_BYTES // dtype.itemsize
+
+
+def to_wire(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Flat view of ``x`` in the wire dtype (bit-cast, so fp32 lse survives a bf16 payload)."""
+    return x.contiguous().view(-1).view(dtype) if x.dtype != dtype else x.reshape(-1)
+
+
+def from_wire(flat: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    # A slice of a received buffer may sit at an offset the wider dtype cannot view: copy it first.
+    return (flat.clone().view(dtype) if flat.dtype != dtype else flat).view(shape)
+
+
+def _unpack(flat: torch.Tensor, spec: CallSpec, tasks: Sequence, parts) -> tuple[list[tuple], torch.Tensor]:
+    """Per task its ``parts`` read off the front of ``flat``, and the rest of ``flat``."""
+    per_task, offset = [], 0
+    for task in tasks:
+        tensors = []
+        for part in parts:
+            shape, dtype, numel = _layout(part, spec, task)
+            tensors.append(from_wire(flat[offset:offset + numel], dtype, shape))
+            offset += numel
+        per_task.append(tuple(tensors))
+    return per_task, flat[offset:]
+
+
+def _task_slice(x: torch.Tensor, part: Part, task) -> torch.Tensor:
+    rows = slice(task.q_start, task.q_end) if part.tokens == "q" else slice(task.kv_start, task.kv_end)
+    return x[:, rows] if part.stat else x[rows]
+
+
+def pack_request(spec: CallSpec, tasks: Sequence, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One worker's request to one server for ``tasks`` (``AttentionTask``s in task_id order).
+
+    ``tensors``: the worker's q, k, v (tokens, heads, head_dim), and for BACKWARD dout and
+    lse, delta (heads, tokens), all in its local token coordinates.
     """
-    rows = headers.tolist()
-    q_tokens = sum(r[Field.Q_LEN] for r in rows)
-    h, d = (rows[0][Field.NUM_HEADS], rows[0][Field.HEAD_DIM]) if rows else (0, 0)
-    if out_flat.numel() != q_tokens * h * d or lse_flat.numel() != q_tokens * h:
-        raise ValueError(f"malformed results from rank {sender_rank}: {out_flat.numel()} out and "
-                         f"{lse_flat.numel()} lse elements for {q_tokens} query tokens x {h} heads x {d} dims")
-    out_offset = lse_offset = 0
-    for row in rows:
-        qs, ql = row[Field.Q_START], row[Field.Q_LEN]
-        out_local[qs:qs + ql] = out_flat[out_offset:out_offset + ql * h * d].view(ql, h, d)
-        lse_local[:, qs:qs + ql] = lse_flat[lse_offset:lse_offset + ql * h].view(h, ql)
-        out_offset, lse_offset = out_offset + ql * h * d, lse_offset + ql * h
+    return torch.cat([to_wire(_task_slice(tensors[name], part, task), spec.dtype)
+                      for section in REQUEST_SECTIONS[spec.op] for task in tasks for name, part in section.items()])
+
+
+def unpack_request(spec: CallSpec, tasks: Sequence, request: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Per task (q, k, v) or, for BACKWARD, (q, k, v, dout, lse, delta) of a ``pack_request`` message."""
+    qkv, rest = _unpack(request, spec, tasks, QKV_PARTS.values())
+    if spec.op == FORWARD:
+        return qkv
+    extras, _ = _unpack(rest, spec, tasks, BACKWARD_PARTS.values())
+    return [a + b for a, b in zip(qkv, extras)]
+
+
+def _status_head(status: int, culprit: int, dtype: torch.dtype) -> torch.Tensor:
+    return to_wire(torch.tensor([status, culprit], dtype=torch.int64), dtype)
+
+
+def pack_results(spec: CallSpec, task_results: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """A server's answer to one worker: status OK, then per task (out, lse) or (dq, dk, dv) in task order."""
+    return torch.cat([_status_head(OK, -1, spec.dtype), *(to_wire(x, spec.dtype) for r in task_results for x in r)])
+
+
+def abort_results(spec: CallSpec, tasks: Sequence, status: int, culprit: int) -> torch.Tensor:
+    """What a failing server sends a worker in place of ``tasks``' results: the status, then zeros."""
+    zeros = torch.zeros(sum(result_numel(spec, t) for t in tasks), dtype=spec.dtype)
+    return torch.cat([_status_head(status, culprit, spec.dtype), zeros])
+
+
+def read_status(message: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
+    """(status, culprit) at the head of a server's results message."""
+    return tuple(from_wire(message[:status_numel(dtype)], torch.int64, (2,)).tolist())
+
+
+def unpack_results(spec: CallSpec, tasks: Sequence, message: torch.Tensor, sender: int) -> list[tuple]:
+    """Per task (out, lse) or (dq, dk, dv) of ``sender``'s results message; ValueError naming it on a bad size."""
+    body = message[status_numel(spec.dtype):]
+    expected = sum(result_numel(spec, t) for t in tasks)
+    if body.numel() != expected:
+        raise ValueError(f"malformed results from rank {sender}: {body.numel()} elements after the status, "
+                         f"but its {len(tasks)} tasks need {expected} (ranks computed different plans)")
+    return _unpack(body, spec, tasks, RESULT_PARTS[spec.op].values())[0]

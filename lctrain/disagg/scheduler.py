@@ -83,10 +83,6 @@ class SchedulePlan:
     def bytes_moved(self) -> int:
         return sum(self.bytes_sent)
 
-    def tasks_between(self, worker: int, server: int) -> list[ScheduledTask]:
-        """Tasks ``worker`` sends to ``server``, in task_id order (the order of headers and payload)."""
-        return [t for t in self.tasks if t.task.worker == worker and t.server == server]
-
 
 def _assign(tasks: list[AttentionTask], num_workers: int, server_ranks: tuple[int, ...], colocated: bool,
             capacity: int, split: bool, causal: bool, window: int | None, min_chunk_tokens: int,

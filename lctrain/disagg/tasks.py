@@ -5,7 +5,7 @@ see, all in the worker's local token coordinates (token t of the worker's
 packed sequence has position t; within a document these differences equal the
 in-document ones, which is all the mask rule reads). Tasks are independent:
 a server computes each exactly from its q/k/v slices alone, so they can be
-moved, batched and split freely. Cost = visible (query, key) pairs, the FLOP
+moved, batched and cut freely. Cost = visible (query, key) pairs, the FLOP
 count up to a constant.
 """
 
@@ -13,10 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-
-from lctrain_kernels.mask import PAD_DOC
 
 DEFAULT_CHUNK_TOKENS = 128  # below ~128 query rows attention kernels lose efficiency (one tile)
 
@@ -31,7 +27,7 @@ class AttentionTask:
     q_len: int
     kv_start: int
     kv_len: int
-    doc_start: int  # the document's bounds: needed to re-split the task
+    doc_start: int  # the document's bounds: needed to cut the task again
     doc_len: int
 
     @property
@@ -41,28 +37,6 @@ class AttentionTask:
     @property
     def kv_end(self) -> int:
         return self.kv_start + self.kv_len
-
-
-def doc_lengths_from_ids(doc_ids: torch.Tensor) -> tuple[list[int], int]:
-    """(s,) per-token doc ids -> (lengths of the documents in order, trailing padding tokens).
-
-    Documents must be contiguous runs and padding (-1) may only trail, because
-    tasks address documents as [start, start + length) ranges.
-    """
-    ids = doc_ids.tolist()
-    num_pad = len(ids) - next((i + 1 for i in range(len(ids) - 1, -1, -1) if ids[i] != PAD_DOC), 0)
-    body = ids[:len(ids) - num_pad]
-    lengths, seen = [], set()
-    for i, doc in enumerate(body):
-        if i > 0 and doc == body[i - 1]:
-            lengths[-1] += 1
-            continue
-        if doc == PAD_DOC or doc in seen:
-            raise ValueError(f"doc ids must be contiguous runs with padding ({PAD_DOC}) only at the end; "
-                             f"token {i} has doc {doc}; repack the sequence")
-        seen.add(doc)
-        lengths.append(1)
-    return lengths, num_pad
 
 
 def kv_range(doc_start: int, doc_len: int, q_start: int, q_len: int, causal: bool,
@@ -155,46 +129,6 @@ def task_cost(task: AttentionTask, causal: bool, window: int | None) -> int:
 def _cut_points(task: AttentionTask, min_chunk_tokens: int) -> range:
     first = task.doc_start + ((task.q_start - task.doc_start) // min_chunk_tokens + 1) * min_chunk_tokens
     return range(first, task.q_end, min_chunk_tokens)
-
-
-def can_split(task: AttentionTask, min_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> bool:
-    """Whether the task holds a cut point (a multiple of min_chunk_tokens past its document start)."""
-    return len(_cut_points(task, min_chunk_tokens)) > 0
-
-
-def split_task(task: AttentionTask, max_cost: int, causal: bool, window: int | None,
-               min_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[AttentionTask]:
-    """Halve the task's queries by cost until every piece costs <= ``max_cost``.
-
-    Cuts fall on multiples of ``min_chunk_tokens`` from the document start, so
-    pieces never get shorter than a kernel tile and re-splitting is stable; a
-    piece that cannot be cut further is returned as it is.
-    """
-    cuts = _cut_points(task, min_chunk_tokens)  # candidate starts of the right piece
-    if len(cuts) == 0 or task_cost(task, causal, window) <= max_cost:
-        return [task]
-
-    def halves(cut: int) -> tuple[AttentionTask, AttentionTask]:
-        pieces = [(task.q_start, cut - task.q_start), (cut, task.q_end - cut)]
-        return tuple(make_task(task.worker, task.doc, task.doc_start, task.doc_len, s, n, causal, window)
-                     for s, n in pieces)
-
-    # Left cost grows and right cost shrinks with the cut: binary search the balance point.
-    lo, hi = 0, len(cuts) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        left, right = halves(cuts[mid])
-        if task_cost(left, causal, window) < task_cost(right, causal, window):
-            lo = mid + 1
-        else:
-            hi = mid
-    def gap(index: int) -> int:
-        left, right = halves(cuts[index])
-        return abs(task_cost(left, causal, window) - task_cost(right, causal, window))
-
-    left, right = halves(cuts[min(sorted({max(lo - 1, 0), lo}), key=gap)])
-    return (split_task(left, max_cost, causal, window, min_chunk_tokens)
-            + split_task(right, max_cost, causal, window, min_chunk_tokens))
 
 
 def cut_to_cost(task: AttentionTask, max_cost: int, causal: bool, window: int | None, from_end: bool = False,

@@ -70,18 +70,19 @@ def all_ranks_flag(flag: bool, device: torch.device, group=None) -> List[int]:
     return [r for r in range(world) if flags[r].item()]
 
 
-def broadcast_string(text: str, device: torch.device, src: int = 0, max_bytes: int = 4096) -> str:
-    """Rank src's string on every rank, sent as a fixed-size byte tensor (no pickle)."""
+def broadcast_string(text: str, device: torch.device, group=None, max_bytes: int = 4096) -> str:
+    """Group rank 0's string on every rank of ``group`` (None: the world), sent as a fixed-size
+    byte tensor (no pickle)."""
     if not dist.is_initialized():
         return text
     data = text.encode()
     if len(data) > max_bytes:
         raise ValueError(f"string of {len(data)} bytes exceeds broadcast limit {max_bytes}")
     buf = torch.zeros(max_bytes + 8, dtype=torch.uint8, device=device)
-    if dist.get_rank() == src:
+    if dist.get_rank(group) == 0:
         buf[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
         buf[8:8 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    dist.broadcast(buf, src=src)
+    dist.broadcast(buf, group=group, group_src=0)
     raw = bytes(buf.cpu().tolist())
     return raw[8:8 + int.from_bytes(raw[:8], "little")].decode()
 

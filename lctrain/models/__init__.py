@@ -1,5 +1,6 @@
 """Model definitions, written for one device (parallelism is applied from outside)."""
 
-from lctrain.models.llama import Llama, LlamaShape, chunked_cross_entropy
+from lctrain.models.llama import Llama, LlamaShape
+from lctrain.models.loss import chunked_cross_entropy
 
 __all__ = ["Llama", "LlamaShape", "chunked_cross_entropy"]

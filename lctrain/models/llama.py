@@ -2,20 +2,28 @@
 
 Parallelism is applied from outside: the core attention (softmax(QK^T)V over
 global token coordinates) is an injected callable, so swapping single-device
-attention for ring/striped/tree attention never touches this file.
+attention for ring/striped/tree attention never touches this file. The slot is
+called as ``core(q, k, v, Coords(token_pos, doc_ids), Mask(causal=True, window))``.
+
+An attention slot that overlaps two independent half-batches (attention servers
+with ping-pong: ``core.interleaves_halves``) gets them layer by layer through
+``Llama.interleaved_forward``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# (q, k, v, *, causal, doc_ids, positions) -> out, tensors in (batch, seq, heads, head_dim)
+from lctrain_kernels.mask import Coords, Mask
+
+# (q, k, v, coords, mask) -> out, tensors in (batch, seq, heads, head_dim)
 CoreAttention = Callable[..., torch.Tensor]
 
 
@@ -31,10 +39,15 @@ class LlamaShape:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    window: int | None = None  # sliding-window attention over this many tokens; None: full causal
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def mask(self) -> Mask:
+        return Mask(causal=True, window=self.window)
 
 
 class RMSNorm(nn.Module):
@@ -75,6 +88,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, shape: LlamaShape, core: CoreAttention):
         super().__init__()
+        self.mask = shape.mask
         self.num_heads = shape.num_heads
         self.num_kv_heads = shape.num_kv_heads
         self.head_dim = shape.head_dim
@@ -85,17 +99,16 @@ class Attention(nn.Module):
         self.core = core
 
     def project_qkv(self, x, cos, sin):
-        """q (b, s, h, d), k / v (b, s, h_kv, d) with RoPE applied; split out for ping-pong drivers."""
+        """q (b, s, h, d), k / v (b, s, h_kv, d) with RoPE applied."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.num_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.num_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, doc_ids, token_pos):
+    def forward(self, x, cos, sin, coords: Coords):
         q, k, v = self.project_qkv(x, cos, sin)
-        out = self.core(q, k, v, causal=True, doc_ids=doc_ids, positions=token_pos)
-        return self.wo(out.reshape(*x.shape[:2], -1))
+        return self.wo(self.core(q, k, v, coords, self.mask).reshape(*x.shape[:2], -1))
 
 
 class SwiGLU(nn.Module):
@@ -117,8 +130,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(shape.dim, shape.norm_eps)
         self.mlp = SwiGLU(shape.dim, shape.ffn_dim)
 
-    def forward(self, x, cos, sin, doc_ids, token_pos):
-        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids, token_pos)
+    def forward(self, x, cos, sin, token_pos, doc_ids):
+        x = x + self.attn(self.attn_norm(x), cos, sin, Coords(token_pos, doc_ids))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -141,10 +154,28 @@ class Llama(nn.Module):
         self.lm_head = None if shape.tie_embeddings else nn.Linear(shape.dim, shape.vocab_size, bias=False)
         self.reset_parameters()
 
-    def set_core_attention(self, core: CoreAttention) -> None:
-        """The one attention slot: every layer shares the same core attention."""
-        for block in self.layers:
-            block.attn.core = core
+    @property
+    def core_attention(self) -> CoreAttention:
+        """The one attention slot (every layer holds the same callable unless swapped per layer)."""
+        return self.layers[0].attn.core
+
+    def set_core_attention(self, core: CoreAttention | Sequence[CoreAttention]) -> None:
+        """Fill the attention slot: one callable for every layer, or one per layer (a KV cache)."""
+        cores = list(core) if isinstance(core, Sequence) else [core] * len(self.layers)
+        if len(cores) != len(self.layers):
+            raise ValueError(f"{len(cores)} attention callables for {len(self.layers)} layers")
+        for block, layer_core in zip(self.layers, cores):
+            block.attn.core = layer_core
+
+    @contextmanager
+    def attention_slot(self, core: CoreAttention | Sequence[CoreAttention]):
+        """Run with ``core`` in the attention slot, then put the previous callables back."""
+        previous = [block.attn.core for block in self.layers]
+        self.set_core_attention(core)
+        try:
+            yield self
+        finally:
+            self.set_core_attention(previous)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -171,14 +202,64 @@ class Llama(nn.Module):
         token_pos: global index in the packed sequence (default arange), what
         sequence-parallel layouts shard and attention masks by.
         """
+        if token_pos is None:
+            token_pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if getattr(self.core_attention, "interleaves_halves", False) and not self._checkpointing():
+            halves = split_point(doc_ids)
+            if halves is not None:
+                return self.interleaved_forward(input_ids, position_ids, doc_ids, token_pos, halves)
         x = self.embed(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.shape.head_dim, self.shape.rope_theta, x.dtype)
         for block in self.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, doc_ids, token_pos, use_reentrant=False)
+            if self._checkpointing():
+                x = checkpoint(block, x, cos, sin, token_pos, doc_ids, use_reentrant=False)
             else:
-                x = block(x, cos, sin, doc_ids, token_pos)
+                x = block(x, cos, sin, token_pos, doc_ids)
         return self.norm(x)
+
+    def _checkpointing(self) -> bool:
+        return self.activation_checkpointing and self.training
+
+    def interleaved_forward(self, input_ids, position_ids, doc_ids, token_pos, halves) -> torch.Tensor:
+        """``forward`` as two attention-independent halves run layer by layer, so one half's
+        attention traffic overlaps the other half's projections and MLP (ping-pong).
+
+        The slot's ``start(q, k, v, coords, mask, slot)`` posts a call, ``serve(pending)`` does
+        a server's share of it and ``complete(pending, q, k, v)`` returns out. Per layer:
+        serve A, serve B; complete A, A's wo + MLP, A's next-layer qkv, start A; the same for B.
+        ``halves``: (dim, index) from ``split_point``; the result equals ``forward``'s.
+        """
+        dim, cut = halves
+        core = self.core_attention
+
+        def split(t):
+            return list(t.split([cut, t.shape[dim] - cut], dim=dim))
+
+        x = self.embed(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.shape.head_dim, self.shape.rope_theta, x.dtype)
+        xs, coss, sins = split(x), split(cos), split(sin)
+        coords = [Coords(p, d) for p, d in zip(split(token_pos), split(doc_ids))]
+        pending, qkv = [None, None], [None, None]
+
+        def start(i, block):
+            qkv[i] = block.attn.project_qkv(block.attn_norm(xs[i]), coss[i], sins[i])
+            pending[i] = core.start(*qkv[i], coords[i], block.attn.mask, slot=i)
+
+        def finish(i, block):
+            out = core.complete(pending[i], *qkv[i])
+            h = xs[i] + block.attn.wo(out.reshape(*xs[i].shape[:2], -1))
+            xs[i] = h + block.mlp(block.mlp_norm(h))
+
+        for i in (0, 1):
+            start(i, self.layers[0])
+        for index, block in enumerate(self.layers):
+            for i in (0, 1):
+                core.serve(pending[i])
+            for i in (0, 1):
+                finish(i, block)
+                if index + 1 < len(self.layers):
+                    start(i, self.layers[index + 1])
+        return self.norm(torch.cat(xs, dim=dim))
 
     def logits_at(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits only where mask is true: (num_true, vocab)."""
@@ -186,27 +267,13 @@ class Llama(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _chunk_ce_sum(hidden, weight, labels):
-    logits = F.linear(hidden, weight)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_tokens: int) -> torch.Tensor:
-    """Sum of token cross-entropies without materialising (tokens, vocab) logits.
-
-    Each chunk's logits are recomputed in backward (checkpointed), so peak memory
-    is one chunk of logits however long the sequence is.
-    """
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    labels = labels.reshape(-1)
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        h = hidden[start:start + chunk_tokens]
-        y = labels[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_ce_sum, h, weight, y, use_reentrant=False)
-        else:
-            total = total + _chunk_ce_sum(h, weight, y)
-    return total
+def split_point(doc_ids: torch.Tensor) -> tuple[int, int] | None:
+    """(dim, index) splitting a (b, s) batch into two attention-independent halves: batch rows,
+    or for one row the document boundary closest to the middle; None when there is none."""
+    batch, seq = doc_ids.shape
+    if batch >= 2:
+        return 0, batch // 2
+    boundaries = (doc_ids[0, 1:] != doc_ids[0, :-1]).nonzero().flatten() + 1
+    if len(boundaries) == 0:
+        return None
+    return 1, int(boundaries[(boundaries - seq / 2).abs().argmin()])

@@ -14,11 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lctrain.attention import get_layout
-from lctrain.attention.allgather import allgather_attention
-from lctrain.attention.counters import AttentionCounters, count_visible_pairs
-from tests.dist_utils import run_ranks
-from tests.distributed.shard_case import assert_unsharded_close, reference_results, run_sharded
+from lctrain.attention import AttentionCounters, Coords, Mask, get_layout
+from lctrain.attention.strategies.allgather import allgather_attention
+from lctrain.distributed.spawn import run_ranks
+from tests.helpers.shard import assert_unsharded_close, count_visible_pairs, reference_results, run_sharded
 
 SEQ_LEN = 24  # a multiple of 2P for P = 1..4 (zigzag) and of 3
 HEADS = 4
@@ -181,7 +180,7 @@ def test_single_rank_without_process_group():
     q, k, v, dout = make_inputs(0, CASES[0])
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     counters = AttentionCounters()
-    out, lse = allgather_attention(q, k, v, torch.arange(SEQ_LEN), torch.zeros(SEQ_LEN, dtype=torch.long),
+    out, lse = allgather_attention(q, k, v, Coords(torch.arange(SEQ_LEN), torch.zeros(SEQ_LEN, dtype=torch.long)),
                                    None, counters=counters)
     out.backward(dout)
     expected = reference(0, CASES[0])
@@ -194,7 +193,7 @@ def test_single_rank_without_process_group():
     (dict(k=torch.zeros(1, 24, 3, 8), v=torch.zeros(1, 24, 3, 8)), "multiple of the number of K/V heads"),
     (dict(v=torch.zeros(1, 24, 2, 8)), "same shape"),
     (dict(k=torch.zeros(1, 12, 4, 8), v=torch.zeros(1, 12, 4, 8)), "local sequence length"),
-    (dict(q_pos=torch.arange(12)), r"q_pos must have shape \(24,\)"),
+    (dict(q_pos=torch.arange(12)), r"token_pos must have shape \(24,\)"),
     (dict(q_doc=torch.zeros(24)), "integer tensor"),
     (dict(q=torch.zeros(24, 4, 8)), "4-D"),
     (dict(window=0), "positive number"),
@@ -204,5 +203,5 @@ def test_invalid_inputs_raise_before_communicating(change, match):
                 q_pos=torch.arange(24), q_doc=torch.zeros(24, dtype=torch.long), window=None)
     args.update(change)
     with pytest.raises(ValueError, match=match):
-        allgather_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("q_pos"),
-                            args.pop("q_doc"), group=None, **args)
+        allgather_attention(args.pop("q"), args.pop("k"), args.pop("v"), Coords(args.pop("q_pos"), args.pop("q_doc")),
+                            group=None, mask=Mask(window=args.pop("window")))

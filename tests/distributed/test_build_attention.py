@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lctrain.attention import build_attention, get_layout, reference_attention
-from tests.dist_utils import run_ranks
+from lctrain.attention import Coords, build_attention, get_layout, reference_attention
+from lctrain.distributed.spawn import run_ranks
 
 STRATEGIES = ("ring", "allgather", "ulysses")
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -31,9 +31,10 @@ def _worker(rank, world):
     for strategy in STRATEGIES:
         for name in LAYOUTS:
             layout = get_layout(name, world)
-            attn = build_attention(strategy=strategy, layout=layout, group=None, kernel="torch")
+            attn = build_attention(strategy=strategy, layout=layout, group=None, kernel="torch", count=True)
             ql, kl, vl = (layout.shard(x, rank, dim=1).clone().requires_grad_() for x in (q, k, v))
-            out, lse = attn(ql, kl, vl, causal=True, doc_ids=layout.shard(doc, rank, dim=0), return_lse=True)
+            coords = Coords(layout.positions(32, rank), layout.shard(doc, rank, dim=0))
+            out, lse = attn(ql, kl, vl, coords, return_lse=True)
             out.backward(layout.shard(dout, rank, dim=1))
             results[(strategy, name)] = {
                 "out": out.detach().numpy(), "lse": lse.numpy(), "dq": ql.grad.numpy(),
@@ -47,7 +48,27 @@ def _worker(rank, world):
         results["mismatch"] = "no error"
     except ValueError as err:
         results["mismatch"] = str(err)
+    results["shape_checks"] = _shape_checks_per_step(world)
     return results
+
+
+def _shape_checks_per_step(world):
+    """All-gathers a ring call issues (ring itself sends P2P only: these are the shape checks)."""
+    calls = []
+    original = dist.all_gather
+    dist.all_gather = lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1]
+    try:
+        attn = build_attention(strategy="ring", layout=get_layout("striped", world))
+        x = torch.randn(1, 8, 4, 8, dtype=torch.float64)
+        counts = []
+        for begin_step in (False, False, True, False):
+            if begin_step:
+                attn.begin_step()
+            attn(x, x, x)
+            counts.append(len(calls))
+    finally:
+        dist.all_gather = original
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +99,12 @@ def test_build_attention_matches_reference(two_ranks, strategy, layout_name):
 def test_shards_of_different_shapes_fail_naming_the_rank(two_ranks):
     for r in two_ranks:
         assert "group rank(s) [1] differ" in r["mismatch"]
+
+
+def test_shape_check_runs_once_per_step_not_per_call(two_ranks):
+    # first call checks, later calls of the step do not, begin_step() re-arms it
+    for r in two_ranks:
+        assert r["shape_checks"] == [1, 1, 2, 2]
 
 
 def test_layout_group_size_mismatch_is_a_clear_error():

@@ -1,4 +1,4 @@
-"""Distributed greedy decoding (lctrain.generate) on real gloo process groups.
+"""Distributed greedy decoding (lctrain.decode) on real gloo process groups.
 
 A tiny random-init Llama in float64 (dim 32, 2 layers, 4 heads, 2 K/V heads,
 init_std 0.3 so greedy output varies with the context) continues a 4100-token
@@ -23,13 +23,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lctrain.attention import build_attention
-from lctrain.generate import DecodeSession, generate, single_device_generate, single_device_greedy_choices
-from lctrain.generate_combine import (Comm, DecodeCounters, butterfly_combine, local_partial, ring_combine,
-                                     tree_combine)
+from lctrain.attention import Coords, Mask, build_attention
+from lctrain.decode import DecodeSession, generate, single_device_generate, single_device_greedy_choices
+from lctrain.decode.combine import (DecodeCounters, butterfly_combine, decode_comm, local_partial, ring_combine,
+                                    tree_combine)
+from lctrain.distributed.spawn import run_ranks
 from lctrain.models.llama import Llama, LlamaShape
 from lctrain_kernels.reference import dense_attention
-from tests.dist_utils import run_ranks
 
 PROMPT_LEN, NEW_TOKENS, NUM_LAYERS = 4100, 64, 2
 # (prefill strategy, layout, decode, ring finish); 4100 is not a multiple of 8, so zigzag at
@@ -73,19 +73,21 @@ def _combine_cases(rank: int, world: int, group) -> list[tuple[str, float, float
     k_doc = (torch.arange(n) >= 30).long()  # keys 30.. are another document: masked
     owner = torch.randint(0, max(world - 1, 1), (n,), generator=gen)  # the last rank gets none when P > 1
     q_pos, q_doc, k_pos = torch.tensor([[n]]), torch.tensor([[0]]), torch.arange(n)
-    ref_out, ref_lse = dense_attention(q, k, v, q_pos, k_pos, q_doc, k_doc)
+    q_coords = Coords(q_pos, q_doc)
+    ref_out, ref_lse = dense_attention(q, k, v, q_coords, Coords(k_pos, k_doc))
+    mine_coords = Coords(k_pos[owner == rank], k_doc[owner == rank])
     mine = owner == rank
     results = []
     combines = (("tree", tree_combine), ("ring-broadcast", ring_combine), ("ring-ring", ring_combine),
                 ("butterfly", butterfly_combine))
     for name, combine in combines:
-        comm = Comm(group, DecodeCounters())
-        out, lse = local_partial(q, k[:, mine], v[:, mine], q_pos, q_doc, k_pos[mine], k_doc[mine])
+        comm = decode_comm(group, DecodeCounters())
+        out, lse = local_partial(q, k[:, mine], v[:, mine], q_coords, mine_coords, Mask())
         args = (out, lse, comm) + ((name.split("-")[1],) if name.startswith("ring") else ())
         out, lse = combine(*args)
         results.append((name, float((out - ref_out).abs().max()), float((lse - ref_lse).abs().max())))
         # A query whose document has no key on any rank: out 0, lse -inf, no NaN.
-        out, lse = local_partial(q, k[:, mine], v[:, mine], q_pos, q_doc + 5, k_pos[mine], k_doc[mine])
+        out, lse = local_partial(q, k[:, mine], v[:, mine], Coords(q_pos, q_doc + 5), mine_coords, Mask())
         out, lse = combine(*((out, lse, comm) + args[3:]))
         empty_ok = bool((out == 0).all() and (lse == float("-inf")).all())
         results.append((f"{name}-no-key", 0.0 if empty_ok else float("inf"), 0.0))

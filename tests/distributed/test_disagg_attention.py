@@ -14,14 +14,14 @@ import time
 import pytest
 import torch
 
-from lctrain.attention import reference_attention
-from lctrain.distributed import init_distributed
-from lctrain.disagg.attention import build_disagg_attention, serve
-from lctrain.disagg.exchange import Call, check_received_headers
-from lctrain.disagg.protocol import Field
-from lctrain.disagg.runtime import BACKWARD, CallSpec, DisaggServerError
+from lctrain.attention import Coords, Mask, build_attention, reference_attention
+from lctrain.disagg.attention import serve
+from lctrain.disagg.exchange import Call
+from lctrain.disagg.protocol import BACKWARD, FORWARD, CallSpec, Field, build_task_headers, check_request_headers
+from lctrain.disagg.runtime import DisaggServerError
 from lctrain.disagg.scheduler import AttentionShape, plan_from_lengths
-from tests.dist_utils import free_port, run_ranks
+from lctrain.distributed import init_distributed
+from lctrain.distributed.spawn import free_port, run_ranks
 
 H, H_KV, D = 4, 2, 8
 # (causal, window, chunk_tokens, per-worker row layouts: lists of doc lengths, -n = n padding tokens)
@@ -30,6 +30,17 @@ CASES = {
     "window-rows": (True, 24, 64, [[[100, 28], [60, -8, 60]], [[90]], [[200, 7]], [[5, 5]]]),
     "bidirectional": (False, None, 32, [[[70, 10]], [[130]], [[16, 48]], [[64, -1]]]),
 }
+
+
+def _disagg(mode, timeout_s, chunk_tokens=None):
+    """Disagg attention over the world; dedicated: the last rank serves."""
+    return build_attention("disagg", mode=mode, num_servers=1 if mode == "dedicated" else None,
+                           chunk_tokens=chunk_tokens, timeout_s=timeout_s, kernel="torch")
+
+
+def _coords(doc):
+    """Coordinates of packed (b, s) rows: positions 0..s-1 in every row."""
+    return Coords(torch.arange(doc.shape[-1]).expand_as(doc), doc)
 
 
 def _worker_batch(rows, seed):
@@ -53,7 +64,7 @@ def _check_case(attention, worker, causal, window, rows):
     ref_out, ref_lse = reference_attention(want_q, want_k, want_v, causal, doc, window)
     (ref_out * dout).sum().backward()
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    out, lse = attention(q, k, v, causal=causal, doc_ids=doc, window=window, return_lse=True)
+    out, lse = attention(q, k, v, _coords(doc), Mask(causal, window), return_lse=True)
     (out * dout).sum().backward()
     errors = {"out": (out - ref_out).abs().max(), "lse": (torch.where(ref_lse.isinf(), 0, lse - ref_lse)).abs().max(),
               "lse_inf_match": float(not torch.equal(lse.isinf(), ref_lse.isinf())),
@@ -68,12 +79,11 @@ def _ranks(rank, world):
     results = {}
     for mode in ("colocated", "dedicated"):
         for name, (causal, window, chunk, layouts) in CASES.items():
-            attention = build_disagg_attention(mode, 1 if mode == "dedicated" else None, chunk_tokens=chunk,
-                                               timeout_s=60)
+            attention = _disagg(mode, timeout_s=60, chunk_tokens=chunk)
             rt = attention.runtime
             if rt.is_worker:
                 results[(mode, name)] = _check_case(attention, rank, causal, window, layouts[rank])
-                attention.stop()
+                attention.finish()
             else:
                 assert serve(attention) == 2  # one forward, one backward
             results[(mode, name, "pairs")] = rt.counters.pairs
@@ -101,20 +111,18 @@ def test_disaggregated_attention_matches_reference(world):
 def test_malformed_headers_are_rejected_naming_the_sender():
     shape = AttentionShape(H, H_KV, D)
     plan = plan_from_lengths([[300, 20], [40], [12, 12]], shape, causal=True, mode="dedicated", num_servers=1)
-    spec = CallSpec(1, 0, True, None, None, H, H_KV, D, torch.float64, [])
+    spec = CallSpec(FORWARD, 0, True, None, None, H, H_KV, D, torch.float64)
     server = plan.tasks[0].server
     sender = next(t.task.worker for t in plan.tasks if t.server == server and t.task.worker != server)
-    items = plan.tasks_between(sender, server)
-    from lctrain.disagg.protocol import Field, build_task_headers, payload_numel
+    items = [t for t in plan.tasks if t.task.worker == sender and t.server == server]
     rows = build_task_headers(items, H, H_KV, D)
-    numel = sum(payload_numel(i.task.q_len, i.task.kv_len, H, H_KV, D) for i in items)
-    check_received_headers(rows, items, numel, sender, server, spec)  # well formed: accepted
+    check_request_headers(rows, items, spec, sender, server)  # well formed: accepted
     for field, value, message in ((Field.Q_LEN, -1, "negative q_len"), (Field.WORKER, 7, "expected only the sender"),
                                   (Field.SERVER, server + 1, "arrived at rank"), (Field.KV_START, 1, "plan says")):
         bad = rows.clone()
         bad[0, field] = value if field != Field.KV_START else bad[0, field] + value
         with pytest.raises(ValueError, match=f"from rank {sender}.*{message}"):
-            check_received_headers(bad, items, numel, sender, server, spec)
+            check_request_headers(bad, items, spec, sender, server)
 
 
 # ---------------------------------------------------------------- a server dies mid-step
@@ -125,7 +133,7 @@ TIMEOUT_S = 8
 def _dying_server(rank, world, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    attention = build_disagg_attention("dedicated", 1, timeout_s=TIMEOUT_S)
+    attention = _disagg("dedicated", timeout_s=TIMEOUT_S)
     if not attention.runtime.is_worker:
         rt = attention.runtime
         for _ in range(3):  # serve a forward, a backward and the next forward's control, then die
@@ -137,7 +145,7 @@ def _dying_server(rank, world, queue):
     try:
         for _ in range(5):
             q.requires_grad_()
-            (attention(q, k, v, doc_ids=doc) * dout).sum().backward()
+            (attention(q, k, v, _coords(doc)) * dout).sum().backward()
         queue.put((rank, "no error", time.perf_counter() - start))
     except DisaggServerError as err:
         queue.put((rank, str(err), time.perf_counter() - start))
@@ -173,7 +181,7 @@ STALL_TIMEOUT_S = 2
 def _stalling_server(rank, world):
     init_distributed("cpu")
     torch.set_num_threads(1)
-    attention = build_disagg_attention("dedicated", 1, timeout_s=STALL_TIMEOUT_S)
+    attention = _disagg("dedicated", timeout_s=STALL_TIMEOUT_S)
     if not attention.runtime.is_worker:
         answer = Call.serve
 
@@ -186,7 +194,7 @@ def _stalling_server(rank, world):
         serve(attention)
         return "served"
     q, k, v, dout, doc = _worker_batch([[120, 30]], seed=rank)
-    out = attention(q.requires_grad_(), k, v, doc_ids=doc)
+    out = attention(q.requires_grad_(), k, v, _coords(doc))
     start = time.perf_counter()
     try:
         (out * dout).sum().backward()
@@ -229,16 +237,16 @@ def _corrupting_worker(rank, world):
     out = {}
     for case in ("colocated", "dedicated", "dedicated-pingpong"):
         mode = case.split("-")[0]
-        attention = build_disagg_attention(mode, 1 if mode == "dedicated" else None, timeout_s=MALFORMED_TIMEOUT_S)
+        attention = _disagg(mode, timeout_s=MALFORMED_TIMEOUT_S)
         start = time.perf_counter()
         try:
             if not attention.runtime.is_worker:
                 serve(attention)
             elif case.endswith("pingpong"):  # slot 1's control exchange follows slot 0's requests
                 for slot in (0, 1):
-                    attention.start(q, k, v, doc_ids=doc, slot=slot)
+                    attention.start(q, k, v, _coords(doc), slot=slot)
             else:
-                attention(q, k, v, doc_ids=doc)
+                attention(q, k, v, _coords(doc))
             out[case] = ("no error", "", 0.0)
         except Exception as err:  # noqa: BLE001 - the test asserts on the type
             out[case] = (type(err).__name__, str(err), time.perf_counter() - start)

@@ -10,117 +10,22 @@ from __future__ import annotations
 
 import functools
 import io
-import zlib
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from lctrain.attention.counters import AttentionCounters, count_visible_pairs
-from lctrain.attention.layouts import LAYOUT_NAMES, get_layout
+from lctrain.attention import AttentionCounters, Coords
+from lctrain.attention.layouts import get_layout
 from lctrain.attention.reference import reference_attention
-from lctrain.attention.ring import ring_attention
-from tests.dist_utils import run_ranks
-from tests.distributed.shard_case import run_sharded
+from lctrain.attention.strategies.ring import ring_attention
+from lctrain.distributed.spawn import run_ranks
+from tests.helpers.cp_cases import (
+    HEAD_DIM, TOLERANCES, Case, cases_for, doc_ids, full_tensors, ring_of, run_case, strided_groups,
+)
+from tests.helpers.shard import count_visible_pairs
 
 WORLD_SIZES = (1, 2, 3, 4)
-HEAD_DIM = 8
-TOLERANCES = {"float64": dict(atol=1e-10, rtol=1e-10), "float32": dict(atol=1e-5, rtol=1e-5)}
-DOC_LENGTHS = {  # boundaries inside shards and across shards for every layout and P <= 4
-    "packed": [[5, 13, 7, 20, 3], [20, 28]],
-    "padded": [[10, 8, -3, 21, -6], [-4, 30, -14]],  # negative: that many padding tokens
-}
-
-
-@dataclass(frozen=True)
-class Case:
-    layout: str
-    causal: bool = True
-    heads: tuple[int, int] = (4, 4)  # (h, h_kv)
-    docs: str = "one"  # "one" | "packed" | "padded"
-    window: int | None = None
-    dtype: str = "float64"
-    batch: int = 1
-    seq: int = 48
-    group_stride: int = 0  # > 0: rings over ranks {r, r + stride, ...} (world // stride groups)
-
-    @property
-    def name(self) -> str:
-        causal = "causal" if self.causal else "full"
-        heads = "mha" if self.heads[0] == self.heads[1] else f"gqa{self.heads[0]}x{self.heads[1]}"
-        extra = f"-b{self.batch}" if self.batch > 1 else ""
-        extra += f"-groups{self.group_stride}" if self.group_stride else ""
-        return f"{self.layout}-{causal}-{heads}-{self.docs}-w{self.window}-{self.dtype}-s{self.seq}{extra}"
-
-
-def cases_for(world: int) -> list[Case]:
-    cases = []
-    for layout in LAYOUT_NAMES:
-        if 48 % get_layout(layout, world).multiple:
-            continue
-        for causal in (True, False):
-            for heads in ((4, 4), (4, 2) if causal else (4, 1)):
-                for docs in ("one", "packed"):
-                    for window in (None, 7):
-                        cases.append(Case(layout, causal, heads, docs, window))
-        cases.append(Case(layout, True, (4, 2), "padded"))
-        cases.append(Case(layout, False, (4, 4), "padded", window=9))
-        cases.append(Case(layout, True, (4, 2), "packed", window=11, dtype="float32"))
-        cases.append(Case(layout, True, (2, 1), "packed", batch=2))  # (b, s) coordinates
-    if world == 4:
-        cases += [Case(layout, True, (1, 1), "one", dtype="float32", seq=256) for layout in LAYOUT_NAMES]
-        cases.append(Case("striped", True, (4, 2), "packed", group_stride=2))
-    return cases
-
-
-def doc_ids(case: Case) -> torch.Tensor:
-    if case.docs == "one":
-        return torch.zeros(case.seq, dtype=torch.long)
-    rows = []
-    for lengths in DOC_LENGTHS[case.docs][: case.batch]:
-        ids = [torch.full((abs(n),), i if n > 0 else -1) for i, n in enumerate(lengths)]
-        rows.append(torch.cat(ids))
-    assert all(len(r) == case.seq for r in rows)
-    return rows[0] if case.batch == 1 else torch.stack(rows)
-
-
-def full_tensors(case: Case):
-    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
-    dtype = getattr(torch, case.dtype)
-    h, h_kv = case.heads
-
-    def rand(heads):
-        return torch.randn(case.batch, case.seq, heads, HEAD_DIM, generator=gen, dtype=dtype)
-
-    return rand(h), rand(h_kv), rand(h_kv), rand(h)
-
-
-def ring_of(case: Case, world: int, rank: int) -> tuple[int, int]:
-    """(ring size, index inside the ring) of ``rank``."""
-    if not case.group_stride:
-        return world, rank
-    return world // case.group_stride, rank // case.group_stride
-
-
-def strided_groups(rank: int, world: int, strides) -> dict:
-    """stride -> this rank's group of ranks {r, r + stride, ...}; every rank creates every group."""
-    groups = {}
-    for stride in sorted(strides):
-        for first in range(stride):
-            ranks = list(range(first, world, stride))
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups[stride] = group
-    return groups
-
-
-def run_case(attention, case: Case, world: int, rank: int, groups: dict) -> dict:
-    """This rank's results for ``case`` with ``attention`` over its (sub)group."""
-    size, index = ring_of(case, world, rank)
-    bound = functools.partial(attention, group=groups.get(case.group_stride))
-    return run_sharded(bound, get_layout(case.layout, size), index, *full_tensors(case), doc_ids(case),
-                       case.causal, case.window)
 
 
 def _worker(rank: int, world: int, cases: tuple[Case, ...]):
@@ -217,7 +122,7 @@ def test_ring_without_process_group_is_local_attention():
     q, k, v = (torch.randn(1, 12, 2, HEAD_DIM, generator=gen, dtype=torch.float64) for _ in range(3))
     doc = torch.tensor([0] * 5 + [1] * 7)
     counters = AttentionCounters()
-    out, lse = ring_attention(q, k, v, torch.arange(12), doc, counters=counters)
+    out, lse = ring_attention(q, k, v, Coords(torch.arange(12), doc), counters=counters)
     out_ref, lse_ref = reference_attention(q, k, v, True, doc)
     torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, lse_ref, atol=1e-12, rtol=1e-12)
@@ -226,9 +131,9 @@ def test_ring_without_process_group_is_local_attention():
 
 
 @pytest.mark.parametrize("k_heads, pos_shape, match", [(3, (12,), "multiple of the number of K/V heads"),
-                                                       (2, (11,), "q_pos must have shape")])
+                                                       (2, (11,), "token_pos must have shape")])
 def test_ring_rejects_bad_inputs(k_heads, pos_shape, match):
     q = torch.zeros(1, 12, 4, HEAD_DIM)
     k = v = torch.zeros(1, 12, k_heads, HEAD_DIM)
     with pytest.raises(ValueError, match=match):
-        ring_attention(q, k, v, torch.zeros(pos_shape, dtype=torch.long), None)
+        ring_attention(q, k, v, Coords(torch.zeros(pos_shape, dtype=torch.long), torch.zeros(12, dtype=torch.long)))

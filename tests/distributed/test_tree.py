@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lctrain.attention.counters import AttentionCounters, count_visible_pairs
+from lctrain.attention import AttentionCounters, Coords
 from lctrain.attention.layouts import get_layout
 from lctrain.attention.reference import reference_attention
-from lctrain.attention.tree import tree_attention, tree_peak_bytes, tree_peak_query_tokens
-from tests.dist_utils import run_ranks
-from tests.distributed.test_ring import (
+from lctrain.attention.strategies.tree import tree_attention, tree_peak_query_tokens
+from lctrain.distributed.spawn import run_ranks
+from tests.helpers.shard import count_visible_pairs
+from tests.helpers.cp_cases import (
     HEAD_DIM, TOLERANCES, Case, cases_for, doc_ids, full_tensors, ring_of, run_case, strided_groups,
 )
 
@@ -166,11 +167,6 @@ def test_tree_causal_balance(layout, low, high):
 def test_tree_peak_memory_follows_query_chunk():
     assert tree_peak_query_tokens(48, 4) == 192 and tree_peak_query_tokens(48, 4, CHUNK) == 20
     assert tree_peak_query_tokens(48, 1, CHUNK) == 48 and tree_peak_query_tokens(4, 4, CHUNK) == 16
-    whole, small = tree_peak_bytes(2, 48, 4, 8, 4), tree_peak_bytes(2, 48, 4, 8, 4, query_chunk=12)
-    assert whole["forward"] == 4 * small["forward"] and whole["backward"] == 4 * small["backward"]
-    # forward, float32, 2 x 192 gathered tokens x 4 heads: q + out (2 x 8 x 4 B), lse + max, num + den (9 x 4 B)
-    assert whole["forward"] == 2 * 192 * 4 * (64 + 8 + 36)
-    assert tree_peak_bytes(2, 48, 4, 8, 1) == {"forward": 0, "backward": 0}
 
 
 def test_tree_without_process_group_is_local_attention():
@@ -179,7 +175,7 @@ def test_tree_without_process_group_is_local_attention():
     q.requires_grad_()
     doc = torch.tensor([0] * 5 + [1] * 7)
     counters = AttentionCounters()
-    out, lse = tree_attention(q, k, v, torch.arange(12), doc, counters=counters, query_chunk=CHUNK)
+    out, lse = tree_attention(q, k, v, Coords(torch.arange(12), doc), counters=counters, query_chunk=CHUNK)
     out.sum().backward()
     q_ref = q.detach().clone().requires_grad_()
     out_ref, lse_ref = reference_attention(q_ref, k, v, True, doc)
@@ -193,7 +189,7 @@ def test_tree_without_process_group_is_local_attention():
 
 @pytest.mark.parametrize("k_heads, pos_shape, chunk, match", [
     (3, (12,), None, "multiple of the number of K/V heads"),
-    (2, (11,), None, "q_pos must have shape"),
+    (2, (11,), None, "token_pos must have shape"),
     (2, (12,), 0, "query_chunk must be a positive"),
     (2, (12,), 2.5, "query_chunk must be a positive"),
 ])
@@ -201,4 +197,5 @@ def test_tree_rejects_bad_inputs(k_heads, pos_shape, chunk, match):
     q = torch.zeros(1, 12, 4, HEAD_DIM)
     k = v = torch.zeros(1, 12, k_heads, HEAD_DIM)
     with pytest.raises(ValueError, match=match):
-        tree_attention(q, k, v, torch.zeros(pos_shape, dtype=torch.long), None, query_chunk=chunk)
+        tree_attention(q, k, v, Coords(torch.zeros(pos_shape, dtype=torch.long), torch.zeros(12, dtype=torch.long)),
+                       query_chunk=chunk)

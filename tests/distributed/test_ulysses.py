@@ -16,11 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lctrain.attention import get_layout
-from lctrain.attention.counters import AttentionCounters, count_visible_pairs
-from lctrain.attention.ulysses import check_ulysses_inputs, ulysses_attention, usable_degrees
-from tests.dist_utils import run_ranks
-from tests.distributed.shard_case import assert_unsharded_close, reference_results, run_sharded
+from lctrain.attention import AttentionCounters, Coords, Mask, get_layout
+from lctrain.attention.strategies.ulysses import check_ulysses_inputs, ulysses_attention, usable_degrees
+from lctrain.distributed.spawn import run_ranks
+from tests.helpers.shard import assert_unsharded_close, count_visible_pairs, reference_results, run_sharded
 
 BATCH = 2  # > 1 so a mix-up of batch and rank dims in the all-to-all shows
 SEQ_LEN = 24  # a multiple of 2P for P = 1, 2, 4 (zigzag)
@@ -80,7 +79,7 @@ def _bad_heads_message(world_size):
     q = torch.zeros(1, 4, heads, HEAD_DIM)
     kv = torch.zeros(1, 4, kv_heads, HEAD_DIM)
     try:
-        ulysses_attention(q, kv, kv, torch.arange(4), torch.zeros(4, dtype=torch.long), None)
+        ulysses_attention(q, kv, kv, Coords(torch.arange(4), torch.zeros(4, dtype=torch.long)), None)
     except ValueError as error:
         return str(error)
     return None
@@ -211,7 +210,7 @@ def test_single_rank_without_process_group():
     q, k, v, dout = make_inputs(0, CASES[0])
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     counters = AttentionCounters()
-    out, lse = ulysses_attention(q, k, v, torch.arange(SEQ_LEN), torch.zeros(SEQ_LEN, dtype=torch.long),
+    out, lse = ulysses_attention(q, k, v, Coords(torch.arange(SEQ_LEN), torch.zeros(SEQ_LEN, dtype=torch.long)),
                                  None, counters=counters)
     out.backward(dout)
     expected = reference(0, CASES[0])
@@ -229,7 +228,7 @@ def test_single_rank_without_process_group():
     (dict(q=torch.zeros(1, 24, 4, 8)), 3, r"h=4, h_kv=4: \[1, 2, 4\]"),
     (dict(k=torch.zeros(1, 24, 3, 8), v=torch.zeros(1, 24, 3, 8)), 1, "multiple of the number of K/V heads"),
     (dict(v=torch.zeros(1, 24, 2, 8)), 2, "same shape"),
-    (dict(q_pos=torch.arange(12)), 2, r"q_pos must have shape \(24,\)"),
+    (dict(q_pos=torch.arange(12)), 2, r"token_pos must have shape \(24,\)"),
     (dict(q_doc=torch.zeros(24)), 2, "integer tensor"),
     (dict(window=0), 2, "positive number"),
 ])
@@ -238,12 +237,12 @@ def test_invalid_inputs_name_the_fix(change, num_ranks, match):
                 q_pos=torch.arange(24), q_doc=torch.zeros(24, dtype=torch.long), window=None)
     args.update(change)
     with pytest.raises(ValueError, match=match):
-        check_ulysses_inputs(args["q"], args["k"], args["v"], args["q_pos"], args["q_doc"], args["window"],
-                             num_ranks)
+        Mask(window=args["window"])
+        check_ulysses_inputs(args["q"], args["k"], args["v"], Coords(args["q_pos"], args["q_doc"]), num_ranks)
 
 
 def test_invalid_inputs_raise_without_process_group():
     q = torch.zeros(1, 24, 4, 8)
     with pytest.raises(ValueError, match="same shape"):
-        ulysses_attention(q, q, torch.zeros(1, 24, 2, 8), torch.arange(24), torch.zeros(24, dtype=torch.long),
+        ulysses_attention(q, q, torch.zeros(1, 24, 2, 8), Coords(torch.arange(24), torch.zeros(24, dtype=torch.long)),
                           None)

@@ -16,12 +16,11 @@ import torch
 import torch.distributed as dist
 
 from lctrain.attention import build_attention, get_layout, reference_attention
-from lctrain.attention.counters import count_visible_pairs
-from lctrain.attention.usp import usp_attention
+from lctrain.attention.strategies.usp import usp_attention
 from lctrain.distributed.groups import build_parallel_groups
-from tests.dist_utils import run_ranks
-from tests.distributed.shard_case import run_sharded
-from tests.distributed.test_ring import TOLERANCES, Case, doc_ids, full_tensors
+from lctrain.distributed.spawn import run_ranks
+from tests.helpers.shard import count_visible_pairs, run_sharded
+from tests.helpers.cp_cases import TOLERANCES, Case, doc_ids, full_tensors
 
 DEGREES = {2: (1, 2), 4: (1, 2, 4)}  # world -> Ulysses degrees
 

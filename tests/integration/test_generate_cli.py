@@ -24,7 +24,7 @@ def _env(run_id: str) -> dict:
 
 def _generate(args, cwd, ranks=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "-m", "lctrain.generate_cli", *args]
+           "-m", "lctrain.decode.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=_env("gen"), capture_output=True, text=True, timeout=180)
 
 
@@ -63,7 +63,7 @@ def test_generate_cli_two_ranks_prompt_and_passkey_tree_and_ring_agree(run_dir):
 
 
 def test_generate_cli_without_a_checkpoint_names_the_fix(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lctrain.generate_cli", str(tmp_path), "--prompt", "hi"],
+    proc = subprocess.run([sys.executable, "-m", "lctrain.decode.cli", str(tmp_path), "--prompt", "hi"],
                           env=_env("x"), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "no complete lctrain checkpoint" in proc.stderr

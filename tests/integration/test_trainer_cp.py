@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from lctrain.distributed import DistEnv
-from tests.dist_utils import run_ranks
-from tests.integration.test_trainer_distributed import _run_steps, _trainer
+from lctrain.distributed.spawn import run_ranks
+from tests.helpers.training import run_steps as _run_steps
+from tests.helpers.training import trainer as _trainer
 
 CASES = [("ring", "contiguous"), ("ring", "striped"), ("ring", "zigzag"), ("allgather", "zigzag"),
          ("ulysses", "striped"), ("usp", "striped"), ("tree", "zigzag")]
 STEPS = 10
-COMMON = ["trainer.dtype=float64", f"trainer.steps={STEPS}", "data.seq_len=250", "trainer.decode_eval_samples=2"]
+COMMON = ["trainer.dtype=float64", f"trainer.steps={STEPS}", "data.seq_len=250", "trainer.decode_eval_samples=2",
+          "cp.count=true"]
 # The eval also decodes passkey answers with the KV cache sharded over the cp ranks
 # (usp prefill is not supported by the decoder).
 DECODE = {case: "tree" for case in CASES} | {("ring", "zigzag"): "ring", ("usp", "striped"): "none"}
@@ -33,11 +35,37 @@ def _workers(rank, world, tmp):
                                f"cp.ulysses_size={max(1, world // 2)}", f"trainer.decode_eval={DECODE[strategy, layout]}"],
                      f"{tmp}/{strategy}-{layout}")
         out[(strategy, layout)] = (_run_steps(t, STEPS), t.evaluate())
-        core = t.model.layers[0].attn.core
+        core = t.model.core_attention
         assert core.strategy == strategy and core.layout.name == layout
         assert core.counters.pairs > 0 and core.counters.messages_sent > 0
         t.close()
     return out
+
+
+WINDOW = ["model.window=48", "data.docs_per_seq=2"]
+
+
+def _windowed(tmp, world=None):
+    """Sliding-window training: cp=striped over the world, or cp=none in this process."""
+    cp = ["cp=striped", f"cp.size={world}"] if world else []
+    env = None if world else DistEnv(0, 1, 0, 1, torch.device("cpu"), None)
+    t = _trainer(COMMON + WINDOW + cp + ["trainer.steps=4"], tmp, env=env)
+    return _run_steps(t, 4)
+
+
+def _windowed_workers(rank, world, tmp):
+    return _windowed(f"{tmp}/window", world)
+
+
+def test_sliding_window_trains_the_same_with_striped_cp(tmp_path):
+    """model.window reaches every layer through the strategy: cp=striped at P=2 equals cp=none,
+    and the window changes the losses (it is not ignored)."""
+    expected = _windowed(tmp_path / "none")
+    for losses in run_ranks(_windowed_workers, 2, str(tmp_path)):
+        assert losses == pytest.approx(expected, abs=1e-10, rel=1e-10)
+    t = _trainer(COMMON + ["data.docs_per_seq=2", "trainer.steps=4"], tmp_path / "full",
+                 env=DistEnv(0, 1, 0, 1, torch.device("cpu"), None))
+    assert _run_steps(t, 4) != pytest.approx(expected, abs=1e-6)
 
 
 @pytest.fixture(scope="module")

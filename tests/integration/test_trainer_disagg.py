@@ -20,8 +20,10 @@ import torch
 
 from lctrain.checkpoint import latest_checkpoint
 from lctrain.distributed import DistEnv
-from tests.dist_utils import run_ranks
-from tests.integration.test_trainer_distributed import _run_steps, _trainer
+from lctrain.distributed.spawn import run_ranks
+from tests.helpers.training import rank as _rank
+from tests.helpers.training import run_steps as _run_steps
+from tests.helpers.training import trainer as _trainer
 
 STEPS = 10
 COMMON = ["trainer.dtype=float64", f"trainer.steps={STEPS}", "data.docs_per_seq=2"]
@@ -32,14 +34,14 @@ def _ranks(rank, world, tmp):
     out = {}
     for mode, ping_pong in RUNS[world]:
         key = (mode, ping_pong)
-        t = _trainer(COMMON + ["cp=disagg", f"disagg.mode={mode}", "disagg.num_servers=1",
-                               f"disagg.ping_pong={str(ping_pong).lower()}", "disagg.timeout_s=60"],
-                     f"{tmp}/{mode}-{ping_pong}")
-        if t.is_attention_server:
+        t = _rank(COMMON + ["cp=disagg", f"disagg.mode={mode}", "disagg.num_servers=1",
+                            f"disagg.ping_pong={str(ping_pong).lower()}", "disagg.timeout_s=60"],
+                  f"{tmp}/{mode}-{ping_pong}")
+        if not t.holds_model:
             out[key] = t.fit()
         else:
-            out[key] = (_run_steps(t, STEPS), t.evaluate(), t.disagg.counters.pairs, t.disagg.runtime.plan_stats())
-            t.stop_attention_servers()
+            out[key] = (_run_steps(t, STEPS), t.evaluate(), t.attention.counters.pairs, t.attention.step_metrics())
+            t.attention.finish()
         t.close()
     out["resume"] = _dedicated_resume(tmp)
     return out
@@ -48,16 +50,16 @@ def _ranks(rank, world, tmp):
 def _dedicated_resume(tmp):
     """float32 dedicated run: 6 steps straight, vs 3 steps + save + a fresh trainer resuming for 3 more."""
     def run(name, steps, extra=(), save=False):
-        t = _trainer(["cp=disagg", "disagg.mode=dedicated", "disagg.num_servers=1", "disagg.timeout_s=60",
-                      "trainer.steps=6", "data.docs_per_seq=2", *extra], f"{tmp}/{name}")
-        if t.is_attention_server:
+        t = _rank(["cp=disagg", "disagg.mode=dedicated", "disagg.num_servers=1", "disagg.timeout_s=60",
+                   "trainer.steps=6", "data.docs_per_seq=2", *extra], f"{tmp}/{name}")
+        if not t.holds_model:
             assert t.save() is None and t.step == 0  # no state to save or restore
             result = t.fit()["final/served_calls"]
         else:
             result = (t.step, _run_steps(t, steps))
             if save:  # mid-run, while the server sits in its serve loop
                 t.save()
-            t.stop_attention_servers()
+            t.attention.finish()
         t.close()
         return result
 

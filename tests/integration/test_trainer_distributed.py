@@ -12,24 +12,11 @@ import pytest
 import torch
 
 from lctrain.checkpoint import latest_checkpoint
-from lctrain.config import compose_config
-from lctrain.distributed import DistEnv, init_distributed
-from lctrain.trainer import NonFiniteError, Trainer
-from tests.dist_utils import run_ranks
-
-BASE = ["data.seq_len=256", "trainer.eval_samples=2", "trainer.progress=false", "trainer.num_threads=1",
-        "model.dim=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_dim=64",
-        "optim.warmup_steps=2", "data.num_needles=1"]
-
-
-def _trainer(overrides, run_dir, env=None):
-    cfg = compose_config(BASE + list(overrides))
-    env = env or init_distributed("cpu")
-    return Trainer(cfg, env, Path(run_dir))
-
-
-def _run_steps(trainer, n):
-    return [trainer.train_step() for _ in range(n)]
+from lctrain.distributed import DistEnv
+from lctrain.distributed.spawn import run_ranks
+from lctrain.trainer import NonFiniteError
+from tests.helpers.training import run_steps as _run_steps
+from tests.helpers.training import trainer as _trainer
 
 
 def _workers(rank, world, tmp):

@@ -107,10 +107,17 @@ def _errors(got, want, dtype):
     return float(err.nan_to_num(float("inf")).max()) if err.numel() else 0.0
 
 
+def kernel_args(c):
+    """(q_coords, k_coords, mask) of a case."""
+    from lctrain_kernels.mask import Coords, Mask
+
+    return Coords(c["q_pos"], c["q_doc"]), Coords(c["k_pos"], c["k_doc"]), Mask(c["causal"], c["window"])
+
+
 def run_case(name):
     """Worker side: forward, backward and autograd of one case against the float64 reference."""
     from lctrain_kernels.reference import dense_attention
-    from lctrain_kernels.triton_attention import triton_attention, triton_backward, triton_forward
+    from lctrain_kernels.triton.attention import triton_attention, triton_backward, triton_forward
 
     c = make_case(name)
     dtype = DTYPES[c["dtype"]]
@@ -118,7 +125,7 @@ def run_case(name):
     q = torch.randn(c["b"], c["sq"], c["h"], c["d"], generator=gen).to(dtype)
     k, v = (torch.randn(c["b"], c["sk"], c["hk"], c["d"], generator=gen).to(dtype) for _ in range(2))
     dout = torch.randn(c["b"], c["sq"], c["h"], c["d"], generator=gen).to(dtype)
-    coords = (c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"], c["causal"], c["window"])
+    coords = kernel_args(c)
     block_q, block_k = c["blocks"]
 
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
@@ -147,8 +154,9 @@ def run_case(name):
 def run_external_lse():
     """Keys split in two blocks: merged lse, backward per block with it, gradients summed."""
     from lctrain.attention.merge import merge_partials
+    from lctrain_kernels.mask import Coords
     from lctrain_kernels.reference import dense_attention
-    from lctrain_kernels.triton_attention import triton_backward, triton_forward
+    from lctrain_kernels.triton.attention import triton_backward, triton_forward
 
     c = make_case("odd_offset_docs")
     gen = torch.Generator().manual_seed(7)
@@ -158,15 +166,16 @@ def run_external_lse():
     split = 70
     blocks = [(slice(0, split), c["k_pos"][:split], c["k_doc"][:split]),
               (slice(split, None), c["k_pos"][split:], c["k_doc"][split:])]
-    partials = [triton_forward(q, k[:, s], v[:, s], c["q_pos"], kp, c["q_doc"], kd) for s, kp, kd in blocks]
+    q_coords = Coords(c["q_pos"], c["q_doc"])
+    partials = [triton_forward(q, k[:, s], v[:, s], q_coords, Coords(kp, kd)) for s, kp, kd in blocks]
     out, lse = merge_partials(*partials[0], *partials[1])
     dq = torch.zeros_like(q)
     dks, dvs = [], []
     for s, kp, kd in blocks:
-        dq_b, dk_b, dv_b = triton_backward(dout, q, k[:, s], v[:, s], out, lse, c["q_pos"], kp, c["q_doc"], kd)
+        dq_b, dk_b, dv_b = triton_backward(dout, q, k[:, s], v[:, s], out, lse, q_coords, Coords(kp, kd))
         dq, dks, dvs = dq + dq_b, dks + [dk_b], dvs + [dv_b]
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
-    ref_out, ref_lse = dense_attention(q64, k64, v64, c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"])
+    ref_out, ref_lse = dense_attention(q64, k64, v64, q_coords, Coords(c["k_pos"], c["k_doc"]))
     ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
     got = (out, lse, dq, torch.cat(dks, 1), torch.cat(dvs, 1))
     return {n: _errors(g, r, torch.float32)
@@ -174,11 +183,12 @@ def run_external_lse():
 
 
 def run_rejections():
-    from lctrain_kernels.triton_attention import triton_forward
+    from lctrain_kernels.mask import Coords
+    from lctrain_kernels.triton.attention import triton_forward
 
-    x, pos = torch.zeros(1, 4, 1, 16, dtype=torch.float64), torch.arange(4)
+    x, coords = torch.zeros(1, 4, 1, 16, dtype=torch.float64), Coords.of_sequence(4)
     try:
-        triton_forward(x, x, x, pos, pos, pos * 0, pos * 0)
+        triton_forward(x, x, x, coords, coords)
     except ValueError as err:
         return {"fp64": str(err)}
     return {"fp64": None}
@@ -186,12 +196,12 @@ def run_rejections():
 
 def run_kernel_plans():
     """Worker side: the Triton plan kernel (GPU calls) against the torch plan, per planning case."""
-    from lctrain_kernels.triton_plan import plan
+    from lctrain_kernels.triton.plan import plan
 
     equal = {}
     for name in PLAN_CASES:
         c = make_case(name)
-        args = (c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"], c["causal"], c["window"], c["b"], torch.device("cpu"))
+        args = (*kernel_args(c), c["b"], torch.device("cpu"))
         by_torch, by_kernel = plan(*args), plan(*args, use_kernel=True)
         equal[name] = all(torch.equal(a, b) for a, b in zip(by_torch, by_kernel))
     return equal
@@ -264,13 +274,14 @@ PLAN_CASES = ["causal_mha", "causal_mqa_docs", "noncausal_docs", "window_causal"
 
 def _spans_by_tile(name):
     """Per (side, row, level, tile): the plan's may/full spans and the visible pairs' truth."""
-    from lctrain_kernels.mask import visible_mask
-    from lctrain_kernels.triton_plan import LEVEL_BLOCKS, plan
+    from lctrain_kernels.mask import Coords, visible_mask
+    from lctrain_kernels.triton.consts import LEVEL_BLOCKS
+    from lctrain_kernels.triton.plan import plan
 
     c = make_case(name)
-    coords = (c["q_pos"], c["k_pos"], c["q_doc"], c["k_doc"])
-    qp, qd, kp, kd, q_info, k_info = plan(*coords, c["causal"], c["window"], c["b"], torch.device("cpu"))
-    visible = visible_mask(qp, kp, qd, kd, c["causal"], c["window"])  # (rows, sq, sk)
+    q_coords, k_coords, mask = kernel_args(c)
+    qp, qd, kp, kd, q_info, k_info = plan(q_coords, k_coords, mask, c["b"], torch.device("cpu"))
+    visible = visible_mask(Coords(qp, qd), Coords(kp, kd), mask)  # (rows, sq, sk)
     for block in LEVEL_BLOCKS:
         for info, vis in ((q_info, visible), (k_info, visible.transpose(1, 2))):
             for row in range(vis.shape[0]):

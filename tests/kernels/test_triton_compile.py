@@ -35,7 +35,7 @@ SMALL = (64, 32, 4, 2)  # the fallback config: fits every head dim
 def _compile(job):
     import torch
 
-    from lctrain_kernels.triton_inspect import captured_calls, compile_stats
+    from lctrain_kernels.triton.inspection import captured_calls, compile_stats
 
     name, dtype, dim, causal, window, kernel, config, arch = job
     calls = captured_calls(getattr(torch, dtype), seq=512, heads=16, kv_heads=4, head_dim=dim,

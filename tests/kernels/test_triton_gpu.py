@@ -64,7 +64,8 @@ def max_error(got, want, dtype) -> float:
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_float32_blockwise(name, dtype):
     from lctrain_kernels.torch_blockwise import blockwise_backward, blockwise_forward
-    from lctrain_kernels.triton_attention import triton_backward, triton_forward
+    from lctrain_kernels.mask import Coords, Mask
+    from lctrain_kernels.triton.attention import triton_backward, triton_forward
 
     seq_q, seq_k, heads, kv_heads, dim, causal, window, kind = CASES[name]
     gen = torch.Generator().manual_seed(seq_q * 31 + dim)
@@ -72,7 +73,7 @@ def test_triton_matches_float32_blockwise(name, dtype):
     q = torch.randn(1, seq_q, heads, dim, generator=gen).to("cuda", dtype)
     k, v = (torch.randn(1, seq_k, kv_heads, dim, generator=gen).to("cuda", dtype) for _ in range(2))
     dout = torch.randn(1, seq_q, heads, dim, generator=gen).to("cuda", dtype)
-    coords = (q_pos, k_pos, q_doc, k_doc, causal, window)
+    coords = (Coords(q_pos, q_doc), Coords(k_pos, k_doc), Mask(causal, window))
 
     out, lse = triton_forward(q, k, v, *coords)
     grads = triton_backward(dout, q, k, v, out, lse, *coords)

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lctrain.attention import build_attention, get_layout, reference_attention
-from tests.dist_utils import run_ranks
+from lctrain.attention import Coords, Mask, build_attention, get_layout, reference_attention
+from lctrain.distributed.spawn import run_ranks
 
 pytest.importorskip("triton")
 
@@ -41,8 +41,8 @@ def _worker(rank, world):
         layout = get_layout(name, world)
         attn = build_attention(strategy=strategy, layout=layout, kernel="triton")
         ql, kl, vl = (layout.shard(x, rank, dim=1).requires_grad_() for x in (q, k, v))
-        out, lse = attn(ql, kl, vl, causal=causal, doc_ids=layout.shard(doc, rank, dim=0), window=13,
-                        return_lse=True)
+        coords = Coords(layout.positions(SEQ, rank), layout.shard(doc, rank, dim=0))
+        out, lse = attn(ql, kl, vl, coords, Mask(causal, window=13), return_lse=True)
         out.backward(layout.shard(dout, rank, dim=1))
         results[strategy, name] = dict(out=out.detach(), lse=lse, dq=ql.grad, dk=kl.grad, dv=vl.grad)
     buffer = io.BytesIO()

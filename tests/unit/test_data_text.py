@@ -9,9 +9,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from lctrain.config import DataConfig
 from lctrain.data import SAMPLE_KEYS, ByteTokenizer, HFTokenizer, TextDataset, build_dataset, build_tokenizer
 
-from tests.unit.test_data import assert_sample_invariants
+from tests.helpers.data import assert_sample_invariants
 
 TOKENIZER = ByteTokenizer()
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -106,7 +107,7 @@ def test_text_is_deterministic_and_reshuffled_per_epoch(corpus):
 def test_text_single_file_and_default_key(tmp_path):
     file = tmp_path / "data.jsonl"
     file.write_text("\n".join(json.dumps({"text": f"line {i} " * 5}) for i in range(10)))
-    ds = build_dataset("text", seq_len=40, seed=0, tokenizer=TOKENIZER, path=str(file))
+    ds = build_dataset(DataConfig(name="text", seq_len=40, seed=0, path=str(file)), TOKENIZER)
     assert isinstance(ds, TextDataset) and ds.num_docs == 10
     assert_sample_invariants(ds.sample(3), 40)
 
@@ -161,7 +162,7 @@ def test_text_dataset_with_hf_tokenizer(tmp_path, tokenizer_json):
     for n in range(5):
         (data / f"{n}.txt").write_text(" ".join(WORDS[n:] + WORDS[:n]))
     tok = build_tokenizer("hf", tokenizer_json)
-    ds = build_dataset("text", seq_len=10, seed=0, tokenizer=tok, path=str(data))
+    ds = build_dataset(DataConfig(name="text", seq_len=10, seed=0, path=str(data)), tok)
     assert ds.num_tokens == 5 * (len(WORDS) + 2)
     for index in range(len(ds)):
         sample = ds.sample(index)

@@ -1,25 +1,44 @@
 """Wire format of the attention servers, and exactness of the server's single rebatched kernel call."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from lctrain.attention import reference_attention
+from lctrain.attention.local_kernels import resolve_kernel
 from lctrain.disagg.protocol import (
+    BACKWARD,
+    FORWARD,
     META_HEADER,
+    CallSpec,
     Field,
     build_task_headers,
+    check_request_headers,
     pack_metadata,
-    pack_payload,
+    pack_request,
     pack_results,
+    read_status,
+    request_numel,
     unpack_metadata,
-    unpack_payload,
+    unpack_request,
+    unpack_results,
     validate_headers,
-    write_results,
 )
-from lctrain.disagg.rebatch import rebatch
+from lctrain.disagg.rebatch import compute_results, rebatch
 from lctrain.disagg.scheduler import AttentionShape, plan_from_lengths
 
 SENDER = 3
+TORCH_KERNEL = partial(resolve_kernel, "torch")
+
+
+def tasks_between(plan, worker, server):
+    """What ``worker`` sends ``server``, in task_id order (the order of headers and request)."""
+    return [t for t in plan.tasks if t.task.worker == worker and t.server == server]
+
+
+def spec_of(op, num_heads, num_kv_heads, head_dim, dtype, causal=True, window=None):
+    return CallSpec(op, 0, causal, window, None, num_heads, num_kv_heads, head_dim, dtype)
 
 
 def test_metadata_round_trip_and_rejection_names_the_sender():
@@ -47,12 +66,17 @@ def test_metadata_round_trip_and_rejection_names_the_sender():
         pack_metadata([1] * 7, rank=0, max_docs=6)
 
 
-def sample_headers():
+def sample_tasks():
     lengths = [[40, 7, 90], [12, 30], [200]]
     plan = plan_from_lengths(lengths, AttentionShape(4, 2, 8), mode="dedicated", num_servers=2, chunk_tokens=32)
-    tasks = plan.tasks_between(0, plan.server_ranks[0])
+    tasks = tasks_between(plan, 0, plan.server_ranks[0])
     assert len(tasks) >= 2
-    return build_task_headers(tasks, 4, 2, 8), plan.server_ranks[0]
+    return tasks, plan.server_ranks[0]
+
+
+def sample_headers():
+    tasks, server = sample_tasks()
+    return build_task_headers(tasks, 4, 2, 8), server
 
 
 def test_headers_validate_and_malformed_ones_name_the_sender():
@@ -94,15 +118,29 @@ def test_headers_validate_and_malformed_ones_name_the_sender():
     validate_headers(headers[:0], 0, SENDER)
 
 
-def test_payload_round_trip():
-    headers, _ = sample_headers()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_request_round_trip(dtype):
+    """pack_request -> unpack_request gives back every task's slices; statistics survive a bf16 wire."""
+    scheduled, _ = sample_tasks()
+    tasks = [s.task for s in scheduled]
+    headers = build_task_headers(scheduled, 4, 2, 8)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(137, h, 8, generator=gen) for h in (4, 2, 2))
-    payload = pack_payload(headers, q, k, v[None])
-    assert payload.numel() == int(headers[:, Field.PAYLOAD_NUMEL].sum())
-    for row, (tq, tk, tv) in zip(headers.tolist(), unpack_payload(headers, payload)):
-        qs, ql, ks, kl = row[Field.Q_START], row[Field.Q_LEN], row[Field.KV_START], row[Field.KV_LEN]
-        assert torch.equal(tq, q[qs:qs + ql]) and torch.equal(tk, k[ks:ks + kl]) and torch.equal(tv, v[ks:ks + kl])
+    seq, acc = 137, torch.float64 if dtype == torch.float64 else torch.float32
+    x = {"q": torch.randn(seq, 4, 8, generator=gen).to(dtype), "dout": torch.randn(seq, 4, 8, generator=gen).to(dtype),
+         "k": torch.randn(seq, 2, 8, generator=gen).to(dtype), "v": torch.randn(seq, 2, 8, generator=gen).to(dtype),
+         "lse": torch.randn(4, seq, generator=gen, dtype=acc), "delta": torch.randn(4, seq, generator=gen, dtype=acc)}
+    for op in (FORWARD, BACKWARD):
+        spec = spec_of(op, 4, 2, 8, dtype)
+        request = pack_request(spec, tasks, x)
+        assert request.dtype == dtype and request.numel() == sum(request_numel(spec, t) for t in tasks)
+        if op == FORWARD:  # the headers address the q, k, v part exactly
+            assert request.numel() == int(headers[:, Field.PAYLOAD_NUMEL].sum())
+        for task, got in zip(tasks, unpack_request(spec, tasks, request)):
+            q_rows, kv_rows = slice(task.q_start, task.q_end), slice(task.kv_start, task.kv_end)
+            want = [x["q"][q_rows], x["k"][kv_rows], x["v"][kv_rows]]
+            if op == BACKWARD:
+                want += [x["dout"][q_rows], x["lse"][:, q_rows], x["delta"][:, q_rows]]
+            assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 CASES = {  # name: (num_heads, num_kv_heads, causal, window)
@@ -125,46 +163,55 @@ def test_rebatched_call_reproduces_reference_per_document(case, mode):
     plan = plan_from_lengths(lengths, AttentionShape(num_heads, num_kv_heads, head_dim), chunk_tokens=16,
                              causal=causal, window=window, mode=mode,
                              num_servers=None if mode == "colocated" else 2)
+    spec = spec_of(FORWARD, num_heads, num_kv_heads, head_dim, torch.float64, causal, window)
     gen = torch.Generator().manual_seed(1)
     inputs, docs = [], []
     for worker_lengths in lengths:
         seq = sum(worker_lengths) + num_pad
-        inputs.append([torch.randn(1, seq, h, head_dim, generator=gen, dtype=torch.float64)
-                       for h in (num_heads, num_kv_heads, num_kv_heads)])
+        inputs.append({name: torch.randn(seq, h, head_dim, generator=gen, dtype=torch.float64)
+                       for name, h in (("q", num_heads), ("k", num_kv_heads), ("v", num_kv_heads))})
         docs.append(torch.cat([torch.full((n,), i) for i, n in enumerate(worker_lengths)]
                               + [torch.full((num_pad,), -1)]))
 
-    # Workers -> servers: headers and payload per (worker, server) pair.
-    outs = [torch.zeros_like(q[0]) for q, _, _ in inputs]
-    lses = [torch.full((num_heads, q.shape[1]), float("-inf"), dtype=torch.float64) for q, _, _ in inputs]
+    outs = [torch.zeros_like(x["q"]) for x in inputs]
+    lses = [torch.full((num_heads, x["q"].shape[0]), float("-inf"), dtype=torch.float64) for x in inputs]
     for server in plan.server_ranks:
-        received, headers_of = [], {}
+        received = []  # workers -> server: headers and request per (worker, server) pair
         for worker in range(len(lengths)):
-            headers = build_task_headers(plan.tasks_between(worker, server), num_heads, num_kv_heads, head_dim)
-            payload = pack_payload(headers, *inputs[worker])
-            validate_headers(headers, payload.numel(), worker, receiver_rank=server, num_heads=num_heads)
-            received.append((worker, headers, payload))
-            headers_of[worker] = headers
-        call = rebatch([r for r in received if r[1].shape[0]])
-        assert len(call.task_ids) == sum(len(h) for h in headers_of.values())
-        out, lse = call.run(causal=causal, window=window)
-        for worker, results in call.split(out, lse).items():  # server -> worker
-            out_flat, lse_flat = pack_results(results)
-            write_results(headers_of[worker], out_flat, lse_flat, server, outs[worker], lses[worker])
+            scheduled = tasks_between(plan, worker, server)
+            if scheduled:
+                request = pack_request(spec, [s.task for s in scheduled], inputs[worker])
+                check_request_headers(build_task_headers(scheduled, num_heads, num_kv_heads, head_dim), scheduled,
+                                      spec, worker, server)
+                received += [(worker, s, tensors) for s, tensors in
+                             zip(scheduled, unpack_request(spec, [s.task for s in scheduled], request))]
+        assert len(rebatch(received).task_ids) == sum(t.server == server for t in plan.tasks)
+        results = compute_results(received, spec, TORCH_KERNEL)
+        for worker in range(len(lengths)):  # server -> workers
+            scheduled = tasks_between(plan, worker, server)
+            message = pack_results(spec, results.get(worker, []))
+            assert read_status(message, spec.dtype) == (0, -1)
+            for s, (out, lse) in zip(scheduled, unpack_results(spec, [s.task for s in scheduled], message, server)):
+                outs[worker][s.task.q_start:s.task.q_end] = out
+                lses[worker][:, s.task.q_start:s.task.q_end] = lse
 
     assert max(t.task.doc_len for t in plan.tasks) > 16 and any(t.task.q_start > t.task.doc_start
                                                                  for t in plan.tasks)  # chunked documents
-    for worker, (q, k, v) in enumerate(inputs):
-        ref_out, ref_lse = reference_attention(q, k, v, causal=causal, doc_ids=docs[worker], window=window)
+    for worker, x in enumerate(inputs):
+        ref_out, ref_lse = reference_attention(x["q"][None], x["k"][None], x["v"][None], causal=causal,
+                                               doc_ids=docs[worker], window=window)
         torch.testing.assert_close(outs[worker], ref_out[0], rtol=0, atol=1e-10)
         torch.testing.assert_close(lses[worker], ref_lse[0], rtol=0, atol=1e-10)
 
 
 def test_rebatch_rejects_conflicting_plans_and_results_of_wrong_size():
-    headers, _ = sample_headers()
-    q, k, v = (torch.randn(137, h, 8) for h in (4, 2, 2))
-    payload = pack_payload(headers, q, k, v)
+    scheduled, _ = sample_tasks()
+    tasks = [s.task for s in scheduled]
+    spec = spec_of(FORWARD, 4, 2, 8, torch.float32)
+    x = {"q": torch.randn(137, 4, 8), "k": torch.randn(137, 2, 8), "v": torch.randn(137, 2, 8)}
+    tensors = unpack_request(spec, tasks, pack_request(spec, tasks, x))
+    received = [(sender, s, t) for sender in (0, 1) for s, t in zip(scheduled, tensors)]
     with pytest.raises(ValueError, match="different plans"):
-        rebatch([(0, headers, payload), (1, headers, payload)])
+        rebatch(received)
     with pytest.raises(ValueError, match="from rank 5"):
-        write_results(headers, torch.zeros(3), torch.zeros(1), 5, torch.zeros(137, 4, 8), torch.zeros(4, 137))
+        unpack_results(spec, tasks, torch.zeros(7), 5)

@@ -1,4 +1,4 @@
-"""Tasks of the attention servers: exact costs (against the project's mask rule), chunking, splitting."""
+"""Tasks of the attention servers: exact costs (against the project's mask rule), chunking, cutting."""
 
 import random
 
@@ -6,16 +6,8 @@ import pytest
 import torch
 
 from lctrain.attention.counters import count_visible_pairs
-from lctrain.disagg.tasks import (
-    AttentionTask,
-    can_split,
-    doc_lengths_from_ids,
-    make_task,
-    make_tasks,
-    split_task,
-    task_cost,
-    visible_pairs_in_ranges,
-)
+from lctrain.disagg.tasks import AttentionTask, cut_to_cost, make_task, make_tasks, task_cost, visible_pairs_in_ranges
+from lctrain_kernels.mask import Coords, Mask
 
 WINDOWS = [None, 1, 2, 5, 17]
 
@@ -23,7 +15,8 @@ WINDOWS = [None, 1, 2, 5, 17]
 def counted(q_start, q_len, kv_start, kv_len, causal, window):
     """count_visible_pairs on the same coordinates, one document."""
     q_pos, k_pos = torch.arange(q_start, q_start + q_len), torch.arange(kv_start, kv_start + kv_len)
-    return count_visible_pairs(q_pos, k_pos, torch.zeros_like(q_pos), torch.zeros_like(k_pos), causal, window)
+    return count_visible_pairs(Coords(q_pos, torch.zeros_like(q_pos)), Coords(k_pos, torch.zeros_like(k_pos)),
+                               Mask(causal, window))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -74,34 +67,27 @@ def test_make_tasks_partitions_queries_and_costs_sum_to_the_packed_sequence(caus
         assert chunks == ([n] if n <= 16 else [16] * (n // 16) + ([n % 16] if n % 16 else []))
     doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((num_pad,), -1)])
     pos = torch.arange(doc.numel())
-    assert sum(task_cost(t, causal, window) for t in tasks) == count_visible_pairs(pos, pos, doc, doc, causal,
-                                                                                   window)
+    assert sum(task_cost(t, causal, window) for t in tasks) == count_visible_pairs(Coords(pos, doc), Coords(pos, doc),
+                                                                                   Mask(causal, window))
     whole = make_tasks(lengths, worker=2, causal=causal, window=window, chunk_tokens=None)
     assert [t.q_len for t in whole] == lengths
 
 
-def test_split_task_keeps_cost_and_cuts_on_chunk_multiples():
+def test_cut_to_cost_keeps_cost_and_cuts_on_chunk_multiples():
     task = make_task(1, 3, doc_start=100, doc_len=1000, q_start=100, q_len=1000, causal=True, window=None)
-    pieces = split_task(task, max_cost=task_cost(task, True, None) // 7, causal=True, window=None,
-                        min_chunk_tokens=64)
-    assert len(pieces) > 1
-    assert sum(task_cost(p, True, None) for p in pieces) == task_cost(task, True, None)
-    assert [p.q_start for p in pieces] == sorted(p.q_start for p in pieces)
-    assert sum(p.q_len for p in pieces) == 1000
-    assert all((p.q_start - 100) % 64 == 0 for p in pieces)
-    assert all(p.kv_start == 100 and p.kv_end == p.q_end for p in pieces)  # causal prefix each
+    budget = task_cost(task, True, None) // 7
+    for from_end in (False, True):
+        piece, rest = cut_to_cost(task, budget, True, None, from_end, min_chunk_tokens=64)
+        assert task_cost(piece, True, None) <= budget
+        assert task_cost(piece, True, None) + task_cost(rest, True, None) == task_cost(task, True, None)
+        assert piece.q_len + rest.q_len == 1000 and (piece.q_start - 100) % 64 == 0 == (rest.q_start - 100) % 64
+        assert (rest.q_end if from_end else piece.q_end) == (piece.q_start if from_end else rest.q_start)
+        assert all(p.kv_start == 100 and p.kv_end == p.q_end for p in (piece, rest))  # causal prefix each
+    longest, _ = cut_to_cost(task, budget, True, None, min_chunk_tokens=64)
+    grown = make_task(1, 3, 100, 1000, 100, longest.q_len + 64, True, None)
+    assert task_cost(grown, True, None) > budget  # the longest prefix that fits
     tiny = make_task(0, 0, 0, 64, 0, 64, True, None)
-    assert not can_split(tiny, 64) and split_task(tiny, 1, True, None, 64) == [tiny]
-
-
-def test_doc_lengths_from_ids():
-    ids = torch.tensor([4, 4, 4, 0, 7, 7, -1, -1])
-    assert doc_lengths_from_ids(ids) == ([3, 1, 2], 2)
-    assert doc_lengths_from_ids(torch.tensor([-1, -1])) == ([], 2)
-    with pytest.raises(ValueError, match="contiguous"):
-        doc_lengths_from_ids(torch.tensor([1, 1, 2, 1]))
-    with pytest.raises(ValueError, match="padding"):
-        doc_lengths_from_ids(torch.tensor([1, -1, 2]))
+    assert cut_to_cost(tiny, 1, True, None, min_chunk_tokens=64) == (None, tiny)
 
 
 def test_bad_arguments():

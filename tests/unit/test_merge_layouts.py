@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lctrain.attention import Layout, get_layout, merge_partials
+from lctrain_kernels.mask import Coords, Mask
 from lctrain_kernels.reference import dense_attention
 
 NEG_INF = float("-inf")
@@ -21,10 +22,10 @@ def test_merge_of_two_key_blocks_equals_full_attention(split, causal):
     q, k, v = random_qkv(40)
     pos = torch.arange(40)
     doc = torch.tensor([0] * 12 + [1] * 28)
-    out_ref, lse_ref = dense_attention(q, k, v, pos, pos, doc, doc, causal, 15)
+    coords, mask = Coords(pos, doc), Mask(causal, 15)
+    out_ref, lse_ref = dense_attention(q, k, v, coords, coords, mask)
     blocks = [slice(0, split), slice(split, 40)]
-    partials = [dense_attention(q, k[:, b], v[:, b], pos, pos[b], doc, doc[b], causal, 15)
-                for b in blocks]
+    partials = [dense_attention(q, k[:, b], v[:, b], coords, Coords(pos[b], doc[b]), mask) for b in blocks]
     # Order must not matter.
     for first, second in (partials, partials[::-1]):
         out, lse = merge_partials(*first, *second)

@@ -7,14 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lctrain.attention import build_attention, reference_attention
-from lctrain.models.llama import (
-    Llama,
-    LlamaShape,
-    RMSNorm,
-    apply_rope,
-    chunked_cross_entropy,
-    rope_cos_sin,
-)
+from lctrain.models.llama import Llama, LlamaShape, RMSNorm, apply_rope, rope_cos_sin
+from lctrain.models.loss import chunked_cross_entropy
 
 F64 = torch.float64
 
@@ -32,11 +26,10 @@ def make_model(core=None, seed=0, dtype=F64, **overrides):
     return Llama(small_shape(**overrides), core, activation_checkpointing=ac).to(dtype)
 
 
-def reference_core(q, k, v, causal=True, doc_ids=None, positions=None):
+def reference_core(q, k, v, coords, mask):
     """Dense exact attention; valid when positions are arange (reference_attention's convention)."""
-    if positions is not None:
-        assert torch.equal(positions.reshape(-1, q.shape[1])[0], torch.arange(q.shape[1]))
-    return reference_attention(q, k, v, causal=causal, doc_ids=doc_ids)[0]
+    assert torch.equal(coords.token_pos.reshape(-1, q.shape[1])[0], torch.arange(q.shape[1]))
+    return reference_attention(q, k, v, causal=mask.causal, doc_ids=coords.doc_ids, window=mask.window)[0]
 
 
 def inputs(batch, seq, vocab=37, seed=1):
@@ -96,9 +89,9 @@ def test_set_core_attention_reaches_every_layer():
     inner = build_attention(strategy="none", kernel="torch")
     calls = []
 
-    def counting(q, k, v, causal=True, doc_ids=None, positions=None):
-        calls.append((q.shape, k.shape, causal))
-        return inner(q, k, v, causal=causal, doc_ids=doc_ids, positions=positions)
+    def counting(q, k, v, coords, mask):
+        calls.append((q.shape, k.shape, mask.causal))
+        return inner(q, k, v, coords, mask)
 
     ids, pos, docs = inputs(2, 9)
     before = model(ids, pos, docs)
@@ -196,9 +189,9 @@ def test_rope_uses_position_ids_and_core_gets_token_pos():
     inner = build_attention(strategy="none", kernel="torch")
     seen = []
 
-    def capture(q, k, v, causal=True, doc_ids=None, positions=None):
-        seen.append((q, k, doc_ids, positions))
-        return inner(q, k, v, causal=causal, doc_ids=doc_ids, positions=positions)
+    def capture(q, k, v, coords, mask):
+        seen.append((q, k, coords.doc_ids, coords.token_pos))
+        return inner(q, k, v, coords, mask)
 
     model = make_model(core=capture, num_layers=1)
     ids = torch.randint(0, 37, (1, 12))
@@ -304,3 +297,38 @@ def test_activation_checkpointing_same_loss_and_grads():
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], atol=1e-12, rtol=1e-10, msg=name)
     assert all(g.abs().max() > 0 for g in grads0.values())
+
+
+def test_sliding_window_reaches_the_attention_slot():
+    """model.window: every layer's attention gets Mask(window), and far tokens stop mattering."""
+    seen = []
+    inner = build_attention(strategy="none", kernel="torch")
+
+    def capture(q, k, v, coords, mask):
+        seen.append(mask)
+        return inner(q, k, v, coords, mask)
+
+    windowed = make_model(core=capture, window=4)
+    ids, pos, docs = inputs(1, 16)
+    out = windowed(ids, pos, docs)
+    assert seen and all(m.causal and m.window == 4 for m in seen)
+    # Changing a token more than 2 layers x 3 tokens back cannot reach the last position.
+    changed = ids.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 37
+    torch.testing.assert_close(windowed(changed, pos, docs)[0, -1], out[0, -1], atol=0, rtol=0)
+    full = make_model()
+    assert (full(changed, pos, docs)[0, -1] - full(ids, pos, docs)[0, -1]).abs().max() > 1e-6
+
+
+def test_attention_slot_swaps_per_layer_and_restores():
+    model = make_model(num_layers=2)
+    original = model.core_attention
+    calls = []
+    inner = build_attention(strategy="none", kernel="torch")
+    per_layer = [lambda q, k, v, c, m, i=i: (calls.append(i), inner(q, k, v, c, m))[1] for i in range(2)]
+    ids, pos, docs = inputs(1, 5)
+    with model.attention_slot(per_layer):
+        model(ids, pos, docs)
+    assert calls == [0, 1] and all(b.attn.core is original for b in model.layers)
+    with pytest.raises(ValueError, match="3 attention callables for 2 layers"):
+        model.set_core_attention(per_layer + per_layer[:1])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lctrain.attention import reference_attention
+from lctrain_kernels.mask import Coords, Mask
 from lctrain_kernels.reference import dense_attention
 
 NEG_INF = float("-inf")
@@ -81,7 +82,8 @@ def test_dense_matches_naive(name):
     args = (case.get("q_pos", ARANGE), case.get("k_pos", ARANGE), doc, doc,
             case["causal"], case.get("window"), case.get("scale"))
 
-    out, lse = dense_attention(q, k, v, *args)
+    q_pos, k_pos, q_doc, k_doc, causal, window, scale = args
+    out, lse = dense_attention(q, k, v, Coords(q_pos, q_doc), Coords(k_pos, k_doc), Mask(causal, window), scale)
     out_naive, lse_naive = naive_attention(q, k, v, *args)
     torch.testing.assert_close(out, out_naive, atol=1e-12, rtol=0)
     torch.testing.assert_close(lse, lse_naive, atol=1e-12, rtol=0)
@@ -95,7 +97,7 @@ def test_fully_masked_rows_are_zero_and_nan_free():
     # Queries at positions 0..19 see keys at 10..29 causally: rows 0..9 see nothing,
     # and padding queries (doc -1) see nothing either.
     q_doc = torch.where(ARANGE % 5 == 4, -1, 0)
-    out, lse = dense_attention(q, k, v, ARANGE, ARANGE + 10, q_doc, torch.zeros(S, dtype=torch.long))
+    out, lse = dense_attention(q, k, v, Coords(ARANGE, q_doc), Coords(ARANGE + 10, torch.zeros(S, dtype=torch.long)))
     hidden = (ARANGE < 10) | (q_doc == -1)
     assert torch.all(out[:, hidden] == 0)
     assert torch.all(lse[:, :, hidden] == NEG_INF)

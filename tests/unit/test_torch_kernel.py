@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lctrain.attention import build_attention, merge_partials, reference_attention
-from lctrain_kernels.mask import tile_fully_visible, tile_may_be_visible, tile_ranges, visible_mask
+from lctrain.attention import Coords, Mask, build_attention, get_layout, merge_partials, reference_attention
+from lctrain_kernels.mask import count_visible_pairs, tile_fully_visible, tile_may_be_visible, tile_ranges, visible_mask
 from lctrain_kernels.reference import dense_attention
 from lctrain_kernels.torch_blockwise import (
     blockwise_attention,
@@ -61,6 +61,11 @@ CASES = ["causal_mha", "noncausal_gqa4", "causal_mqa_docs", "noncausal_docs", "w
 BLOCKS = [(16, 32), (13, 7), (512, 512)]
 
 
+def kernel_args(q_pos, k_pos, q_doc, k_doc, causal, window):
+    """The kernels' (q_coords, k_coords, mask) of a case's coordinates."""
+    return Coords(q_pos, q_doc), Coords(k_pos, k_doc), Mask(causal, window)
+
+
 def random_qkv(seq_q, seq_k, num_heads, num_kv_heads, dtype, batch=2, head_dim=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     def rand(*shape):
@@ -75,10 +80,11 @@ def random_like(x, seed=1):
 
 
 def check_against_dense(q, k, v, coords, causal, window, atol, rtol, blocks=(16, 32)):
-    out, lse = blockwise_attention(q, k, v, *coords, causal, window, None, *blocks)
+    args = kernel_args(*coords, causal, window)
+    out, lse = blockwise_attention(q, k, v, *args, None, *blocks)
     # The reference sees the same (possibly rounded) inputs, computed in float64.
     wide = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    out_ref, lse_ref = dense_attention(*wide, *coords, causal, window)
+    out_ref, lse_ref = dense_attention(*wide, *args)
     dout = random_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     grads_ref = torch.autograd.grad(out_ref, wide, dout.double())
@@ -130,22 +136,22 @@ def test_backward_with_merged_lse_sums_to_full_gradient(name):
     merged out / lse: the halves' gradients must add up to the full ones."""
     seq_q, seq_k, num_heads, num_kv_heads, q_pos, k_pos, q_doc, k_doc, causal, window = make_case(name)
     q, k, v = random_qkv(seq_q, seq_k, num_heads, num_kv_heads, torch.float64)
-    coords = (q_pos, k_pos, q_doc, k_doc)
-    out_ref, lse_ref = dense_attention(q, k, v, *coords, causal, window)
+    out_ref, lse_ref = dense_attention(q, k, v, *kernel_args(q_pos, k_pos, q_doc, k_doc, causal, window))
     dout = random_like(out_ref)
     dq_ref, dk_ref, dv_ref = torch.autograd.grad(out_ref, (q, k, v), dout)
 
     q, k, v = q.detach(), k.detach(), v.detach()
     split = seq_k // 3
     halves = [slice(0, split), slice(split, seq_k)]
-    partials = [blockwise_forward(q, k[:, h], v[:, h], q_pos, k_pos[h], q_doc, k_doc[h], causal,
-                                  window, None, 16, 16) for h in halves]
+    partials = [blockwise_forward(q, k[:, h], v[:, h], *kernel_args(q_pos, k_pos[h], q_doc, k_doc[h], causal,
+                                                                     window), None, 16, 16) for h in halves]
     out, lse = merge_partials(*partials[0], *partials[1])
     torch.testing.assert_close(out, out_ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, lse_ref, atol=1e-10, rtol=1e-10)
 
-    grads = [blockwise_backward(dout, q, k[:, h], v[:, h], out, lse, q_pos, k_pos[h], q_doc,
-                                k_doc[h], causal, window, None, block_q=16, block_k=16)
+    grads = [blockwise_backward(dout, q, k[:, h], v[:, h], out, lse,
+                                *kernel_args(q_pos, k_pos[h], q_doc, k_doc[h], causal, window), None,
+                                block_q=16, block_k=16)
              for h in halves]
     torch.testing.assert_close(grads[0][0] + grads[1][0], dq_ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]], 1), dk_ref, atol=1e-10, rtol=1e-10)
@@ -163,27 +169,28 @@ def test_tile_range_tests_agree_with_mask(seed, causal, window):
         doc = torch.sort(torch.randint(-1, 3, (n,), generator=gen)).values
         return pos, doc
     (q_pos, q_doc), (k_pos, k_doc) = coords(32), coords(32)
-    mask = visible_mask(q_pos, k_pos, q_doc, k_doc, causal, window)[0]
+    rule = Mask(causal, window)
+    mask = visible_mask(Coords(q_pos, q_doc), Coords(k_pos, k_doc), rule)[0]
     decided = 0
-    for i, q_range in enumerate(tile_ranges(q_pos, q_doc, 4)):
-        for j, k_range in enumerate(tile_ranges(k_pos, k_doc, 4)):
+    for i, q_range in enumerate(tile_ranges(Coords(q_pos, q_doc), 4)):
+        for j, k_range in enumerate(tile_ranges(Coords(k_pos, k_doc), 4)):
             tile = mask[4 * i:4 * i + 4, 4 * j:4 * j + 4]
-            if not tile_may_be_visible(q_range, k_range, causal, window):
+            if not tile_may_be_visible(q_range, k_range, rule):
                 assert not tile.any()
                 decided += 1
-            if tile_fully_visible(q_range, k_range, causal, window):
+            if tile_fully_visible(q_range, k_range, rule):
                 assert tile.all()
                 decided += 1
     assert decided > 0  # the test exercises the shortcuts at all
 
 
 def test_causal_plan_skips_upper_triangle():
-    pos, doc = torch.arange(64), torch.zeros(64, dtype=torch.long)
-    q_ranges, k_ranges = tile_ranges(pos, doc, 16), tile_ranges(pos, doc, 16)
+    coords = Coords.of_sequence(64)
+    q_ranges, k_ranges = tile_ranges(coords, 16), tile_ranges(coords, 16)
     visited = [(i, j) for i, qr in enumerate(q_ranges) for j, kr in enumerate(k_ranges)
-               if tile_may_be_visible(qr, kr, True, None)]
+               if tile_may_be_visible(qr, kr, Mask())]
     full = [(i, j) for i, qr in enumerate(q_ranges) for j, kr in enumerate(k_ranges)
-            if tile_fully_visible(qr, kr, True, None)]
+            if tile_fully_visible(qr, kr, Mask())]
     assert visited == [(i, j) for i in range(4) for j in range(i + 1)]
     assert full == [(i, j) for i in range(4) for j in range(i)]
 
@@ -194,7 +201,8 @@ def test_build_attention_none_matches_reference(kernel, doc_ids):
     attn = build_attention(strategy="none", kernel=kernel)
     assert attn.kernel_name == kernel  # "auto" resolves per call: the PyTorch kernel for CPU fp64
     q, k, v = random_qkv(40, 40, 4, 2, torch.float64)
-    out, lse = attn(q, k, v, causal=True, doc_ids=doc_ids, window=11, return_lse=True)
+    coords = None if doc_ids is None else Coords(torch.arange(40), doc_ids)
+    out, lse = attn(q, k, v, coords, Mask(causal=True, window=11), return_lse=True)
     out_ref, lse_ref = reference_attention(q, k, v, causal=True, doc_ids=doc_ids, window=11)
     torch.testing.assert_close(out, out_ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, lse_ref, atol=1e-10, rtol=1e-10)
@@ -208,14 +216,15 @@ def test_build_attention_positions_are_global():
     """Tokens 100..139 with explicit positions attend exactly as arange positions would."""
     q, k, v = random_qkv(40, 40, 2, 2, torch.float64)
     attn = build_attention()
-    shifted = attn(q, k, v, positions=torch.arange(100, 140), window=5)
-    torch.testing.assert_close(shifted, attn(q, k, v, window=5), atol=1e-12, rtol=0)
+    shifted = attn(q, k, v, Coords(torch.arange(100, 140), torch.zeros(40, dtype=torch.long)), Mask(window=5))
+    torch.testing.assert_close(shifted, attn(q, k, v, mask=Mask(window=5)), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(strategy="spiral"), "available in this version: none, ring, allgather, ulysses, usp, tree"),
+    (dict(strategy="spiral"), "available: none, ring, allgather, ulysses, usp, tree, disagg"),
     (dict(strategy="ring"), "needs layout=get_layout"),
-    (dict(kernel="cuda"), "auto, torch, triton"),
+    (dict(kernel="cuda"), "torch, auto, triton"),
+    (dict(strategy="ring", layout=get_layout("striped", 1), query_chunk=4), "takes no option"),
     (dict(layout=object()), "layout=None"),
 ])
 def test_build_attention_rejects_bad_config(kwargs, match):
@@ -234,9 +243,9 @@ def test_attention_call_rejects_bad_shapes():
     with pytest.raises(ValueError, match="same shape"):
         attn(q, k, v[:, :4])
     with pytest.raises(ValueError, match=r"doc_ids must have shape \(8,\) or \(2, 8\)"):
-        attn(q, k, v, doc_ids=torch.zeros(7, dtype=torch.long))
+        attn(q, k, v, Coords(torch.arange(8), torch.zeros(7, dtype=torch.long)))
     with pytest.raises(ValueError, match="window"):
-        attn(q, k, v, window=0)
+        attn(q, k, v, mask=Mask(window=0))
 
 
 def test_blockwise_forward_can_keep_a_bf16_partial_in_float32():
@@ -244,10 +253,27 @@ def test_blockwise_forward_can_keep_a_bf16_partial_in_float32():
     q, k, v = random_qkv(40, 40, 4, 2, torch.float32)
     pos, doc = torch.arange(40), packed_docs(40, [9, 30])
     qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
-    out32, lse32 = blockwise_forward(qb, kb, vb, pos, pos, doc, doc, True, 11, out_dtype=torch.float32)
-    want, want_lse = blockwise_forward(qb.float(), kb.float(), vb.float(), pos, pos, doc, doc, True, 11)
+    args = kernel_args(pos, pos, doc, doc, True, 11)
+    out32, lse32 = blockwise_forward(qb, kb, vb, *args, out_dtype=torch.float32)
+    want, want_lse = blockwise_forward(qb.float(), kb.float(), vb.float(), *args)
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32, want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse32, want_lse, atol=1e-6, rtol=1e-6)
-    rounded, _ = blockwise_forward(qb, kb, vb, pos, pos, doc, doc, True, 11)
+    rounded, _ = blockwise_forward(qb, kb, vb, *args)
     assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded.float(), out32)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 6])
+def test_count_visible_pairs_equals_the_dense_mask(seed, causal, window):
+    """The counters' binary-search count is the mask rule's dense count: padding anywhere,
+    unsorted positions, several documents, (s,) against (b, s) coordinates."""
+    gen = torch.Generator().manual_seed(seed)
+    q_pos = torch.randint(-5, 60, (2, 37), generator=gen)
+    q_doc = torch.randint(-1, 4, (2, 37), generator=gen)
+    k_pos, k_doc = torch.randint(-5, 60, (29,), generator=gen), torch.randint(-1, 4, (29,), generator=gen)
+    q, k, mask = Coords(q_pos, q_doc), Coords(k_pos, k_doc), Mask(causal, window)
+    got = count_visible_pairs(q, k, mask)
+    assert got.dim() == 0 and got.dtype == torch.int64
+    assert int(got) == int(visible_mask(q, k, mask).sum())

@@ -11,7 +11,7 @@ from -1 padding) and positions non-decreasing, as every layout produces. An unso
 back to the whole side for "may" and to nothing for "full": slower, still exact. All of it
 stays on the device, with no host sync: about 140 small ops per call, shared by a forward and
 its backward when they go through ``TritonAttentionFunction``. GPU calls use the same plan as
-one Triton kernel per side (``triton_plan_kernel``, a dozen ops and two launches).
+one Triton kernel per side (``plan_kernel``, a dozen ops and two launches).
 """
 
 from __future__ import annotations
@@ -21,15 +21,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .mask import PAD_DOC, as_batched
-
-SUB = 16  # granularity of the run summaries: the smallest block size
-LEVEL_BLOCKS = (16, 32, 64, 128, 256)  # the block sizes the kernels accept
-BIG = 1 << 62  # "no bound" for int64 coordinates
-# Per run: may_lo, may_hi, full_lo, full_hi (token indexes of the other side). The kernels
-# read rows of 4 (a literal there: Triton kernels see only constexpr globals) and merge the
-# runs of their tile: union of "may" spans, intersection of "full" spans.
-INFO_FIELDS = 4
+from ..mask import PAD_DOC, Coords, Mask, as_batched
+from .consts import BIG, SUB
+from .plan_kernel import side_info
 
 
 class _Runs(NamedTuple):
@@ -129,11 +123,12 @@ def _side_info(this_pos, this_doc, other: _Side, causal, window, query_side) -> 
     return torch.stack(spans, -1).contiguous()
 
 
-def plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, device, use_kernel=False):
+def plan(q_coords: Coords, k_coords: Coords, mask: Mask, batch, device, use_kernel=False):
     """(q_pos, q_doc, k_pos, k_doc) as (1 or b, s) int32 (rebased, see ``_kernel_coords``) and
     the (1 or b, runs, 4) int64 run summaries of each side. ``use_kernel``: compute the
-    summaries with the Triton kernel of ``triton_plan_kernel`` (GPU calls) instead of torch ops."""
-    coords = [as_batched(c).to(device=device, dtype=torch.int64) for c in (q_pos, q_doc, k_pos, k_doc)]
+    summaries with the Triton kernel of ``plan_kernel`` (GPU calls) instead of torch ops."""
+    causal, window = mask.causal, mask.window
+    coords = [as_batched(c).to(device=device, dtype=torch.int64) for c in (*q_coords, *k_coords)]
     rows = max(c.shape[0] for c in coords)
     if rows not in (1, batch):
         raise ValueError(f"coordinates must be (s,) or (batch={batch}, s), got batch {rows}")
@@ -141,8 +136,6 @@ def plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch, device, use_kernel=F
     if q_pos.shape != q_doc.shape or k_pos.shape != k_doc.shape:
         raise ValueError("q_pos/q_doc and k_pos/k_doc must have matching shapes")
     if use_kernel:
-        from .triton_plan_kernel import side_info
-
         q_info = side_info(q_pos, q_doc, k_pos, k_doc, causal, window, query_side=True)
         k_info = side_info(k_pos, k_doc, q_pos, q_doc, causal, window, query_side=False)
     else:

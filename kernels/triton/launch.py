@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .triton_plan import BIG, LEVEL_BLOCKS
+from .consts import BIG, LEVEL_BLOCKS
 
 try:
     import triton
@@ -23,7 +23,6 @@ try:
 except ImportError:  # the modules stay importable; using a kernel raises
     triton = tl = None
 
-LOG2E = 1.4426950408889634
 NO_BOUND = BIG if tl is None else tl.constexpr(BIG)  # "no bound" inside kernels (a constexpr global)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_BLOCK = 16  # fixed small tiles under the interpreter: fast and many tiles per test
@@ -40,8 +39,8 @@ DQ_CONFIGS = [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)]
 FALLBACK_CONFIG = (64, 32, 4, 2)  # fits every GPU and head dim: used when pruning leaves nothing
 TUNE_KEY = ["TUNE_SQ", "TUNE_SK", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "DOT_PREC"]
 # Modules whose globals hold kernels and device functions (rebound per mode, see bind_mode).
-KERNEL_MODULES = ("lctrain_kernels.triton_plan_kernel", "lctrain_kernels.triton_attention",
-                  "lctrain_kernels.triton_attention_bwd")
+KERNEL_MODULES = ("lctrain_kernels.triton.plan_kernel", "lctrain_kernels.triton.tiles",
+                  "lctrain_kernels.triton.forward", "lctrain_kernels.triton.backward")
 
 
 def require_triton():
@@ -221,7 +220,7 @@ def launch_grid(spec, grid: tuple, args: list, consts: dict, interpret: bool) ->
 # ------------------------------------------------------------------------------ inputs
 
 
-def check_inputs(q, k, v, window):
+def check_inputs(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("triton attention takes q (b, sq, h, d), k and v (b, sk, h_kv, d)")
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -235,8 +234,6 @@ def check_inputs(q, k, v, window):
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of K/V heads ({k.shape[2]})")
     if q.shape[3] > 256:
         raise ValueError(f"triton attention supports head dims up to 256, got {q.shape[3]}; use kernel='torch'")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1 or None, got {window}")
 
 
 def kernel_inputs(interpret: bool, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -247,10 +244,10 @@ def kernel_inputs(interpret: bool, *tensors: torch.Tensor) -> list[torch.Tensor]
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def common_consts(q, seq_q, seq_k, causal, window):
+def common_consts(q, seq_q, seq_k, mask):
     return {
         "TUNE_SQ": triton.next_power_of_2(max(seq_q, 1)), "TUNE_SK": triton.next_power_of_2(max(seq_k, 1)),
-        "CAUSAL": bool(causal), "HAS_WINDOW": window is not None,
+        "CAUSAL": bool(mask.causal), "HAS_WINDOW": mask.window is not None,
         "HEAD_DIM": q.shape[3], "BLOCK_D": max(16, triton.next_power_of_2(q.shape[3])),
         "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
     }

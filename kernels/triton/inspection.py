@@ -24,7 +24,8 @@ from collections import Counter
 
 import torch
 
-from .triton_launch import bind_mode, blocks, capture_launches, triton
+from ..mask import Coords, Mask
+from .launch import bind_mode, blocks, capture_launches, triton
 
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64",
                   torch.int32: "i32"}
@@ -34,7 +35,7 @@ def captured_calls(dtype=torch.bfloat16, seq=1024, heads=32, kv_heads=8, head_di
                    window=None, docs=1) -> dict:
     """{"fwd", "dkdv", "dq", "plan"}: (spec, args, consts) of one forward and backward call
     ("plan": the query side's tile plan kernel)."""
-    from .triton_attention import triton_backward, triton_forward
+    from .attention import triton_backward, triton_forward
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, seq, heads, head_dim, generator=gen).to(dtype)
@@ -42,9 +43,10 @@ def captured_calls(dtype=torch.bfloat16, seq=1024, heads=32, kv_heads=8, head_di
     pos = torch.arange(seq)
     doc = pos * docs // seq  # `docs` equal documents packed
     with capture_launches() as calls:
-        triton_forward(q, k, v, pos, pos, doc, doc, causal, window)
+        coords, mask = Coords(pos, doc), Mask(causal, window)
+        triton_forward(q, k, v, coords, coords, mask)
         out, lse = torch.zeros_like(q), torch.zeros(1, heads, seq)
-        triton_backward(q, q, k, v, out, lse, pos, pos, doc, doc, causal, window)
+        triton_backward(q, q, k, v, out, lse, coords, coords, mask)
     names = {"_attn_fwd": "fwd", "_attn_bwd_dkdv": "dkdv", "_attn_bwd_dq": "dq", "_plan_runs": "plan"}
     captured = {}
     for spec, _, _, args, consts in calls:

@@ -14,7 +14,7 @@ import torch
 
 from lctrain.data.loader import EVAL_INDEX_OFFSET
 
-from .generate import generate
+from .session import generate
 
 
 def last_answer_span(answer_mask: torch.Tensor) -> tuple[int, int]:
@@ -32,12 +32,12 @@ def last_answer_span(answer_mask: torch.Tensor) -> tuple[int, int]:
 def passkey_decode_eval(model, dataset, num_samples: int, cp_group=None, layout="striped",
                         decode: str = "tree", prefill_strategy: str = "tree", dp_rank: int = 0,
                         dp_size: int = 1, start_index: int = EVAL_INDEX_OFFSET,
-                        ring_finish: str = "broadcast") -> dict:
+                        ring_finish: str = "broadcast", kernel: str = "torch") -> dict:
     """Exact-key and per-digit accuracy of greedily decoded passkey answers.
 
     Samples ``start_index + i`` for i in range(num_samples) (the trainer's held-out
     eval indices by default) with ``i % dp_size == dp_rank`` are decoded by this
-    cp group (``cp_group`` / ``layout`` / ``prefill_strategy`` / ``decode`` as in
+    cp group (``cp_group`` / ``layout`` / ``prefill_strategy`` / ``decode`` / ``kernel`` as in
     ``generate``). Returns this dp rank's counts (``num_samples``, ``num_exact``,
     ``num_digits``, ``num_right``: every cp rank of a group reports the same, so
     sum over the world and divide by cp size to aggregate), the rates
@@ -56,7 +56,8 @@ def passkey_decode_eval(model, dataset, num_samples: int, cp_group=None, layout=
         sessions: list = []
         got = generate(model, sample["input_ids"][:first + 1], len(expected), cp_group, layout,
                        prefill_strategy, decode, position_ids=sample["position_ids"][:first + 1],
-                       doc_ids=sample["doc_ids"][:first + 1], ring_finish=ring_finish, session_out=sessions)
+                       doc_ids=sample["doc_ids"][:first + 1], ring_finish=ring_finish, session_out=sessions,
+                       kernel=kernel)
         right = int((got == expected).sum())
         counts["num_samples"] += 1
         counts["num_digits"] += len(expected)

@@ -1,8 +1,8 @@
 """`lctrain-generate`: greedy decoding from a training checkpoint, KV cache sharded over ranks.
 
-    torchrun --standalone --nproc-per-node=2 -m lctrain.generate_cli \\
+    torchrun --standalone --nproc-per-node=2 -m lctrain.decode.cli \\
         outputs/<run>/checkpoints --prompt "The pass key is" --max-new-tokens 32
-    torchrun --standalone --nproc-per-node=2 -m lctrain.generate_cli \\
+    torchrun --standalone --nproc-per-node=2 -m lctrain.decode.cli \\
         outputs/<run> --passkey 8 --seq-len 8192 --decode tree
 
 CHECKPOINT is a `step_XXXXXXXX` directory, a checkpoints directory (its newest
@@ -21,17 +21,16 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from lctrain.attention.api import STRATEGIES
+from lctrain.attention import strategy_names
 from lctrain.attention.layouts import LAYOUT_NAMES
+from lctrain.attention.strategies import get_strategy
+from lctrain.build import DTYPES
 
-from .generate_combine import COMBINES
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+from .combine import COMBINES, RING_FINISHES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,11 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passkey", type=int, default=0, metavar="N", help="decode the answers of N passkey samples")
     p.add_argument("--seq-len", type=int, default=0, help="passkey sequence length (default: the run's data.seq_len)")
     p.add_argument("--decode", choices=list(COMBINES), default="tree")
-    p.add_argument("--ring-finish", choices=["broadcast", "ring"], default="broadcast")
-    p.add_argument("--prefill", choices=[s for s in STRATEGIES if s not in ("none", "usp")], default="tree",
-                   help="context-parallel strategy of the prefill")
+    p.add_argument("--ring-finish", choices=list(RING_FINISHES), default="broadcast")
+    p.add_argument("--prefill", choices=[s for s in strategy_names() if s != "none" and get_strategy(s).decodes],
+                   default="tree", help="context-parallel strategy of the prefill")
     p.add_argument("--layout", choices=list(LAYOUT_NAMES), default="striped")
-    p.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
     p.add_argument("--json", help="write the results as JSON to this file (rank 0)")
     args = p.parse_args(argv)
@@ -79,20 +78,23 @@ def find_config(step_dir: Path, given: str | None) -> Path:
     raise ValueError(f"no .hydra/config.yaml above {step_dir}; pass --config <run dir>/.hydra/config.yaml")
 
 
+def load_run_config(path: Path):
+    """The run's saved config merged onto the typed schema (a field it lacks takes its default)."""
+    from omegaconf import OmegaConf
+
+    from lctrain.config import TrainConfig
+
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+
+
 def load_model(step_dir: Path, cfg, dtype: torch.dtype):
     """The Llama of the run's config with the checkpoint's weights (DCP, tensors only)."""
     import torch.distributed.checkpoint as dcp
 
     from lctrain.attention import build_attention
-    from lctrain.config import ModelConfig
-    from lctrain.models.llama import Llama, LlamaShape
+    from lctrain.build import build_model
 
-    known = {f.name for f in fields(ModelConfig)}
-    m = ModelConfig(**{k: v for k, v in cfg.model.items() if k in known})
-    shape = LlamaShape(vocab_size=m.vocab_size, dim=m.dim, num_layers=m.num_layers, num_heads=m.num_heads,
-                       num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=m.rope_theta,
-                       norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings, init_std=m.init_std)
-    model = Llama(shape, build_attention("none"))
+    model = build_model(cfg.model, build_attention("none"))
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # no_dist=True is the point: every rank reads the full weights
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -107,17 +109,17 @@ def run(args) -> dict:
 
     from lctrain.data import PasskeyDataset, build_tokenizer
 
-    from .generate import generate
-    from .generate_eval import passkey_decode_eval
+    from .passkey import passkey_decode_eval
+    from .session import generate
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     group = dist.group.WORLD if world > 1 else None
     step_dir = find_checkpoint(Path(args.checkpoint))
-    cfg = OmegaConf.load(find_config(step_dir, args.config))
+    cfg = load_run_config(find_config(step_dir, args.config))
     data = cfg.data
-    tokenizer = build_tokenizer(data.get("tokenizer", "byte"), data.get("tokenizer_path"))
-    model = load_model(step_dir, cfg, _DTYPES[args.dtype])
+    tokenizer = build_tokenizer(data.tokenizer, data.tokenizer_path)
+    model = load_model(step_dir, cfg, DTYPES[args.dtype])
     settings = {"cp_group": group, "layout": args.layout, "prefill_strategy": args.prefill,
                 "decode": args.decode, "ring_finish": args.ring_finish}
     result = {"checkpoint": str(step_dir), "cp_size": world, "dtype": args.dtype,
@@ -131,12 +133,8 @@ def run(args) -> dict:
                             "text": tokenizer.decode(new.tolist()), "wall_s": time.perf_counter() - start,
                             "per_token": sessions[0].counters.per_token()}
     if args.passkey:
-        seq_len = args.seq_len or int(data.seq_len)
-        dataset = PasskeyDataset(seq_len=seq_len, seed=int(data.seed), tokenizer=tokenizer,
-                                 docs_per_seq=int(data.get("docs_per_seq", 1)),
-                                 num_needles=int(data.get("num_needles", 1)),
-                                 key_digits=int(data.get("key_digits", 5)),
-                                 filler=str(data.get("filler", "sentences")))
+        seq_len = args.seq_len or data.seq_len
+        dataset = PasskeyDataset.from_config(OmegaConf.merge(data, {"seq_len": seq_len}), tokenizer)
         result["passkey"] = {"seq_len": seq_len, **passkey_decode_eval(model, dataset, args.passkey, **settings)}
     if rank == 0:
         _report(result, args)

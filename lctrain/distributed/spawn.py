@@ -1,4 +1,4 @@
-"""Spawn real torch.distributed process groups (gloo on CPU) for tests.
+"""Spawn local torch.distributed process groups (gloo on CPU) for tests, benchmarks and notebooks.
 
 `run_ranks(fn, world_size, *args)` runs fn(rank, world_size, *args) in one
 process per rank and returns the per-rank return values; an exception on any
@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A free TCP port on the loopback interface (the ranks rendezvous on 127.0.0.1 only)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

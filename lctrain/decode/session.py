@@ -1,6 +1,6 @@
 """Distributed greedy decoding with the KV cache sharded along the sequence.
 
-    from lctrain.generate import generate, single_device_generate
+    from lctrain.decode import generate, single_device_generate
     new_ids = generate(model, prompt_ids, max_new_tokens=64, cp_group=group,
                        layout="striped", prefill_strategy="tree", decode="tree")
 
@@ -11,18 +11,18 @@ Every rank of the context-parallel group passes the same (replicated) prompt.
    with every layer's attention slot holding ``build_attention(
    prefill_strategy, layout, group)`` behind a capturing wrapper that stores
    the post-RoPE K/V of the local tokens into a ``ShardedKVCache``
-   (lctrain/generate_cache.py). The rank holding the last prompt token
+   (``cache``). The rank holding the last prompt token
    computes the first new token and broadcasts it.
 2. Decode, per token: the token id is replicated on every rank, so the model's
    forward (embedding, norms, projections, RoPE, MLP: the Llama module's own
    code, untouched) runs on the one new token everywhere; each layer's slot
-   appends the new K/V to the emptiest rank's cache (see generate_cache.py),
+   appends the new K/V to the emptiest rank's cache (see ``cache``),
    computes the partial attention of the query against the local shard
    (``blockwise_forward`` with global coordinates) and combines the partials
    exactly: ``decode="tree"`` with two all-reduces (MAX of lse, then SUM of the
    rescaled numerator and denominator), ``decode="ring"`` with P - 1 sequential
    merges along the ring plus a broadcast, ``decode="butterfly"`` with log2 P
-   P2P swap-and-merge rounds (lctrain/generate_combine.py). The
+   P2P swap-and-merge rounds (``combine``). The
    argmax is broadcast from group rank 0 (one 8-byte collective per token) so
    every rank continues with the same token by construction.
 
@@ -33,29 +33,14 @@ prompt's last document (the in-document position of the last prompt token + 1).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
-from .attention import build_attention, get_layout
-from .generate_cache import ShardedKVCache, prompt_keep_masks
-from .generate_combine import COMBINES, Comm, DecodeCounters, local_partial
+from lctrain.attention import build_attention, get_layout
+from lctrain_kernels.mask import PAD_DOC
 
-DECODES = tuple(COMBINES)
-
-
-@contextmanager
-def attention_slots(model, make_slot):
-    """Fill layer i's attention slot with ``make_slot(i)``; restore the originals after."""
-    originals = [block.attn.core for block in model.layers]
-    try:
-        for i, block in enumerate(model.layers):
-            block.attn.core = make_slot(i)
-        yield
-    finally:
-        for block, core in zip(model.layers, originals):
-            block.attn.core = core
+from .cache import ShardedKVCache, prompt_keep_masks
+from .combine import COMBINES, DecodeCounters, decode_comm, local_partial
 
 
 class _PrefillSlot:
@@ -64,9 +49,9 @@ class _PrefillSlot:
     def __init__(self, attn, cache: ShardedKVCache, layer: int):
         self.attn, self.cache, self.layer = attn, cache, layer
 
-    def __call__(self, q, k, v, **kwargs):
+    def __call__(self, q, k, v, coords, mask):
         self.cache.store_prefill(self.layer, k, v)
-        return self.attn(q, k, v, **kwargs)
+        return self.attn(q, k, v, coords, mask)
 
 
 class _DecodeSlot:
@@ -75,11 +60,11 @@ class _DecodeSlot:
     def __init__(self, session: "DecodeSession", layer: int):
         self.session, self.layer = session, layer
 
-    def __call__(self, q, k, v, causal=True, doc_ids=None, positions=None, window=None, **_):
+    def __call__(self, q, k, v, coords, mask):
         s = self.session
         s.cache.append(self.layer, k, v)
-        k_cache, v_cache, k_pos, k_doc = s.cache.view(self.layer)
-        out, lse = local_partial(q, k_cache, v_cache, positions, doc_ids, k_pos, k_doc, window, s.counters)
+        k_cache, v_cache, k_coords = s.cache.view(self.layer)
+        out, lse = local_partial(q, k_cache, v_cache, coords, k_coords, mask, s.comm)
         out, _ = s.combine(out, lse)
         return out.to(q.dtype)
 
@@ -90,11 +75,11 @@ class DecodeSession:
     def __init__(self, model, cp_group=None, layout="striped", prefill_strategy="tree",
                  decode="tree", ring_finish="broadcast", kernel="torch"):
         if decode not in COMBINES:
-            raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+            raise ValueError(f"decode must be one of {tuple(COMBINES)}, got {decode!r}")
         self.model = model
         self.counters = DecodeCounters()  # decode steps only
         self.prefill_counters = DecodeCounters()  # the first token's broadcast
-        self.comm = Comm(cp_group, self.counters)
+        self.comm = decode_comm(cp_group, self.counters)
         self.group = None if self.comm.size == 1 else self.comm.group
         if isinstance(layout, str):
             layout = get_layout(layout, self.comm.size)
@@ -129,7 +114,7 @@ class DecodeSession:
         extra = 0 if layout is None else -length % layout.multiple
         full = {"input_ids": torch.cat([ids, ids.new_zeros(extra)]),
                 "position_ids": torch.cat([pos, pos.new_zeros(extra)]),
-                "doc_ids": torch.cat([doc, doc.new_full((extra,), -1)]),
+                "doc_ids": torch.cat([doc, doc.new_full((extra,), PAD_DOC)]),
                 "token_pos": torch.arange(length + extra)}
         masks, lengths = prompt_keep_masks(full["doc_ids"], layout, self.comm.size, self.doc_id)
         rank = self.comm.rank
@@ -140,7 +125,8 @@ class DecodeSession:
         self.cache.set_prompt_coords(local["token_pos"][0], local["doc_ids"][0])
         self.prefill_attention = build_attention(self.prefill_strategy, layout, self.group, kernel=self.kernel)
         self.model.eval()
-        with attention_slots(self.model, lambda i: _PrefillSlot(self.prefill_attention, self.cache, i)):
+        prefill = [_PrefillSlot(self.prefill_attention, self.cache, i) for i in range(len(self.model.layers))]
+        with self.model.attention_slot(prefill):
             hidden = self.model(local["input_ids"], local["position_ids"], local["doc_ids"], local["token_pos"])
         # The last prompt token lives on one rank: it picks the first new token and broadcasts it.
         holder = 0 if layout is None else next(
@@ -151,7 +137,7 @@ class DecodeSession:
             token[0] = self._argmax(hidden[:, index])
         if self.comm.size > 1:
             self.comm.counters = self.prefill_counters
-            self.comm.broadcast(token, holder)
+            self.comm.broadcast(token, holder, "prefill")
             self.comm.counters = self.counters
         return int(token[0])
 
@@ -167,13 +153,13 @@ class DecodeSession:
         coords = {"input_ids": token, "position_ids": self.next_pos, "doc_ids": self.doc_id,
                   "token_pos": self.next_token_pos}
         x = {k: torch.tensor([[v]], dtype=torch.long, device=device) for k, v in coords.items()}
-        with attention_slots(self.model, lambda i: _DecodeSlot(self, i)):
+        with self.model.attention_slot([_DecodeSlot(self, i) for i in range(len(self.model.layers))]):
             hidden = self.model(x["input_ids"], x["position_ids"], x["doc_ids"], x["token_pos"])
         self.next_pos += 1
         self.next_token_pos += 1
         out = torch.tensor([self._argmax(hidden[:, -1])], dtype=torch.long, device=device)
         if self.comm.size > 1:  # rank 0's choice is everyone's, whatever the last bits of the logits
-            self.comm.broadcast(out, 0)
+            self.comm.broadcast(out, 0, "decode")
         return int(out[0])
 
     def _argmax(self, hidden_row: torch.Tensor) -> int:
@@ -183,7 +169,7 @@ class DecodeSession:
 def generate(model, prompt_ids, max_new_tokens: int, cp_group=None, layout="striped",
              prefill_strategy: str = "tree", decode: str = "tree", eos_id: int | None = None,
              position_ids=None, doc_ids=None, ring_finish: str = "broadcast",
-             session_out: list | None = None) -> torch.Tensor:
+             session_out: list | None = None, kernel: str = "torch") -> torch.Tensor:
     """Greedy continuation of ``prompt_ids`` (1-D, replicated on every cp rank).
 
     Returns the new token ids (1-D LongTensor, same on every rank): up to
@@ -193,14 +179,15 @@ def generate(model, prompt_ids, max_new_tokens: int, cp_group=None, layout="stri
     process decodes alone, even inside a larger process group). ``layout``: a name or a
     ``Layout`` over the group. ``prefill_strategy``: any ``build_attention``
     strategy except usp ("none" is used on one rank). ``decode``: "tree",
-    "ring" or "butterfly" (power-of-two P); ``ring_finish``: "broadcast" | "ring" (see generate_combine.py).
+    "ring" or "butterfly" (power-of-two P); ``ring_finish``: "broadcast" | "ring" (see ``combine``).
     ``position_ids`` / ``doc_ids``: the prompt's in-document positions and
     documents (default: one document at 0..L-1). ``session_out``: a list that
-    receives the ``DecodeSession`` (cache, counters) for inspection.
+    receives the ``DecodeSession`` (cache, counters) for inspection. ``kernel``: the
+    prefill's local kernel.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    session = DecodeSession(model, cp_group, layout, prefill_strategy, decode, ring_finish)
+    session = DecodeSession(model, cp_group, layout, prefill_strategy, decode, ring_finish, kernel)
     if session_out is not None:
         session_out.append(session)
     token = session.prefill(prompt_ids, position_ids, doc_ids, reserve=max_new_tokens)
@@ -221,8 +208,7 @@ def single_device_greedy_choices(model, ids, num_last: int, position_ids=None, d
     doc = torch.zeros_like(ids) if doc_ids is None else torch.as_tensor(doc_ids).reshape(-1)
     device = model.output_weight.device
     model.eval()
-    local = build_attention("none", kernel="torch")
-    with attention_slots(model, lambda i: local):
+    with model.attention_slot(build_attention("none", kernel="torch")):
         rows = [x[None].to(device) for x in (ids, pos, doc, torch.arange(len(ids)))]
         hidden = model(*rows)
     return F.linear(hidden[0, -num_last:], model.output_weight).argmax(-1).cpu()

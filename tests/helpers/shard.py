@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lctrain.attention.counters import AttentionCounters
+from lctrain.attention import AttentionCounters, Coords, Mask
 
 
 def run_sharded(attention, layout, index, q, k, v, dout, doc, causal, window) -> dict:
@@ -11,8 +11,8 @@ def run_sharded(attention, layout, index, q, k, v, dout, doc, causal, window) ->
     seq_len = q.shape[1]
     q, k, v = (layout.shard(x, index, dim=1).requires_grad_() for x in (q, k, v))
     counters = AttentionCounters()
-    out, lse = attention(q, k, v, layout.positions(seq_len, index), layout.shard(doc, index, dim=-1),
-                         causal=causal, window=window, counters=counters)
+    coords = Coords(layout.positions(seq_len, index), layout.shard(doc, index, dim=-1))
+    out, lse = attention(q, k, v, coords, mask=Mask(causal, window), counters=counters)
     out.backward(layout.shard(dout, index, dim=1))
     return dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad, phases=counters.per_phase)
 
@@ -37,3 +37,11 @@ def assert_unsharded_close(per_rank: list, layout, expected: dict, tol: float) -
         assert got.shape == expected[name].shape, name
         assert not got.isnan().any(), f"{name} has NaN"
         torch.testing.assert_close(got, expected[name], atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def count_visible_pairs(q_pos, k_pos, q_doc, k_doc, causal, window) -> int:
+    """The dense reference count: the mask rule's (sq, sk) mask summed over coordinate rows
+    (what the strategies' counters, computed by binary search, must equal)."""
+    from lctrain_kernels.mask import visible_mask
+
+    return int(visible_mask(Coords(q_pos, q_doc), Coords(k_pos, k_doc), Mask(causal, window)).sum())

@@ -1,8 +1,8 @@
 """A KV cache sharded along the sequence across the context-parallel ranks.
 
 Each rank keeps, per layer, the post-RoPE K and V of *its* tokens only, plus
-their global coordinates (``pos``: index in the packed sequence, ``doc``:
-document id; DESIGN.md §1), which are the same for every layer and stored once.
+their global coordinates (``token_pos``: index in the packed sequence,
+``doc_ids``: document id), which are the same for every layer and stored once.
 
 Prefill fills the cache with this rank's layout shard of the prompt: the tokens
 of the document being continued (the prompt's last document); padding and
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lctrain_kernels.mask import PAD_DOC
+from lctrain_kernels.mask import PAD_DOC, Coords
 
 
 class ShardedKVCache:
@@ -96,9 +96,9 @@ class ShardedKVCache:
         self._v[layer][:, self.size - 1] = v[:, 0]
 
     def view(self, layer: int):
-        """(k, v, pos, doc) of this rank's cached tokens for ``layer``: (1, n, h_kv, d), (n,)."""
+        """(k, v, coords) of this rank's cached tokens for ``layer``: (1, n, h_kv, d) and Coords (n,)."""
         n = self.size
-        return self._k[layer][:, :n], self._v[layer][:, :n], self.pos[:n], self.doc[:n]
+        return self._k[layer][:, :n], self._v[layer][:, :n], Coords(self.pos[:n], self.doc[:n])
 
     def _grow(self, needed: int) -> None:
         if self.pos.shape[0] >= needed:

@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from lctrain.attention.merge import merge_partials
+from lctrain.distributed.comm import GroupComm
+from lctrain_kernels.mask import Coords, Mask, count_visible_pairs
 from lctrain_kernels.reference import accumulation_dtype
 from lctrain_kernels.torch_blockwise import blockwise_forward
 
-from .attention.counters import count_visible_pairs, tensor_bytes
-from .attention.merge import merge_partials
+PHASE = "decode"
 
 
 @dataclass
@@ -48,10 +50,9 @@ class DecodeCounters:
     ``collectives``: collective calls this rank issued (all-reduce, broadcast);
     ``p2p_messages``: point-to-point sends by this rank; ``hops``: sequential
     P2P hops on the critical path (the ring chain), the same on every rank;
-    ``bytes_sent``: this rank's payload, collectives counted as a ring algorithm
-    sends them (all-reduce of B: 2 (P-1)/P |B|; broadcast: |B| from the root,
-    as in lctrain.attention.counters); ``pairs``: query-key pairs computed
-    locally; ``appended``: decoded tokens whose K/V this rank cached.
+    ``bytes_sent``: this rank's payload, as ``lctrain.distributed.comm`` counts
+    it; ``pairs``: query-key pairs computed locally (counted on the device, read
+    back when asked for); ``appended``: decoded tokens whose K/V this rank cached.
     """
 
     tokens: int = 0
@@ -59,17 +60,27 @@ class DecodeCounters:
     p2p_messages: int = 0
     hops: int = 0
     bytes_sent: int = 0
-    pairs: int = 0
     appended: int = 0
     per_kind: dict = field(default_factory=dict)  # e.g. {"all_reduce": n, "broadcast": n, "send": n}
+    _pairs: list = field(default_factory=list)
 
-    def add(self, kind: str, bytes_sent: int = 0, collective: bool = True) -> None:
+    def record_comm(self, phase: str, kind: str, bytes_sent: int, collective: bool) -> None:
+        """One communication operation (``lctrain.distributed.comm`` calls this)."""
         self.per_kind[kind] = self.per_kind.get(kind, 0) + 1
         self.bytes_sent += bytes_sent
         if collective:
             self.collectives += 1
         else:
             self.p2p_messages += 1
+
+    def add_pairs(self, phase: str, q: Coords, k: Coords, mask: Mask, batch: int, share=(0, 1)) -> None:
+        self._pairs.append(count_visible_pairs(q, k, mask) * batch)
+
+    @property
+    def pairs(self) -> int:
+        if len(self._pairs) > 1:
+            self._pairs = [torch.stack(self._pairs).sum()]
+        return int(self._pairs[0]) if self._pairs else 0
 
     @property
     def latency_steps(self) -> int:
@@ -84,60 +95,44 @@ class DecodeCounters:
                 "per_kind": {k: v / n for k, v in self.per_kind.items()}}
 
 
-class Comm:
-    """This rank's place in the cp group; ``group=None`` is no context parallelism (this
-    process alone), as ``ParallelGroups.cp_group`` is None when cp == 1."""
-
-    def __init__(self, group, counters: DecodeCounters | None = None):
-        if group is None:
-            self.size, self.rank = 1, 0
-        else:
-            self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.group, self.counters = group, counters if counters is not None else DecodeCounters()
-
-    def all_reduce(self, x: torch.Tensor, op) -> torch.Tensor:
-        dist.all_reduce(x, op=op, group=self.group)
-        self.counters.add("all_reduce", 2 * (self.size - 1) * tensor_bytes(x) // self.size)
-        return x
-
-    def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        """Group rank ``src``'s ``x`` on every rank (in place)."""
-        dist.broadcast(x, group=self.group, group_src=src)
-        self.counters.add("broadcast", tensor_bytes(x) if self.rank == src else 0)
-        return x
-
-    def send(self, x: torch.Tensor, dst: int) -> None:
-        dist.send(x, group=self.group, group_dst=dst)
-        self.counters.add("send", tensor_bytes(x), collective=False)
-
-    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        dist.recv(x, group=self.group, group_src=src)
-        return x
+def decode_comm(cp_group, counters: DecodeCounters | None = None) -> GroupComm:
+    """The comm of decoding over ``cp_group``; None is no context parallelism (this process
+    alone, even inside a larger job), as ``ParallelGroups.cp_group`` is None when cp == 1."""
+    counters = counters if counters is not None else DecodeCounters()
+    return GroupComm(cp_group, counters, alone=cp_group is None)
 
 
-def local_partial(q, k, v, q_pos, q_doc, k_pos, k_doc, window=None, counters: DecodeCounters | None = None):
+def local_partial(q, k, v, q_coords: Coords, k_coords: Coords, mask: Mask, comm: GroupComm | None = None):
     """Partial (out (b, s, h, d), lse (b, h, s)) of the new queries against the local
     cache shard; out 0 and lse -inf where the shard holds no visible key."""
     if k.shape[1] == 0:
         acc = accumulation_dtype(q.dtype)
         return q.new_zeros(q.shape, dtype=acc), q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc)
-    if counters is not None:
-        counters.pairs += count_visible_pairs(q_pos, k_pos, q_doc, k_doc, True, window) * q.shape[0]
+    if comm is not None:
+        comm.count_pairs(PHASE, q_coords, k_coords, mask, q.shape[0])
     # The partial stays in the accumulation dtype: the combine rescales it before any rounding.
-    return blockwise_forward(q, k, v, q_pos, k_pos, q_doc, k_doc, True, window,
-                             out_dtype=accumulation_dtype(q.dtype))
+    return blockwise_forward(q, k, v, q_coords, k_coords, mask, out_dtype=accumulation_dtype(q.dtype))
 
 
-def tree_combine(out: torch.Tensor, lse: torch.Tensor, comm: Comm):
+def _pack(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """One payload (b, s, h, d + 1) with lse in the last column."""
+    return torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], dim=-1).contiguous()
+
+
+def _unpack(packed: torch.Tensor):
+    return packed[..., :-1], packed[..., -1].transpose(1, 2)
+
+
+def tree_combine(out: torch.Tensor, lse: torch.Tensor, comm: GroupComm):
     """Exact (out, lse) over every rank's keys: all-reduce MAX, then one packed all-reduce SUM."""
     acc = torch.promote_types(lse.dtype, torch.float32)
     if comm.size == 1:
         return out.to(acc), lse.to(acc)
-    lse_max = comm.all_reduce(lse.to(acc).clone(), dist.ReduceOp.MAX)  # (b, h, s)
+    lse_max = comm.all_reduce(lse.to(acc).clone(), PHASE, op=dist.ReduceOp.MAX)  # (b, h, s)
     # A row no rank has a key for keeps max -inf: shift by 0 so exp(-inf) = 0, not NaN.
     shift = torch.where(lse_max == float("-inf"), 0.0, lse_max)
     weight = torch.exp(lse.to(acc) - shift).transpose(1, 2).unsqueeze(-1)  # (b, s, h, 1)
-    packed = comm.all_reduce(torch.cat([out.to(acc) * weight, weight], dim=-1), dist.ReduceOp.SUM)
+    packed = comm.all_reduce(torch.cat([out.to(acc) * weight, weight], dim=-1), PHASE)
     num, den = packed[..., :-1], packed[..., -1]
     seen = den > 0
     combined = num / torch.where(seen, den, 1.0).unsqueeze(-1)
@@ -145,59 +140,51 @@ def tree_combine(out: torch.Tensor, lse: torch.Tensor, comm: Comm):
     return combined, shift + log_den.transpose(1, 2)
 
 
-def ring_combine(out: torch.Tensor, lse: torch.Tensor, comm: Comm, finish: str = "broadcast"):
+def ring_combine(out: torch.Tensor, lse: torch.Tensor, comm: GroupComm, finish: str = "broadcast"):
     """Exact (out, lse) by merging along the ring 0 -> ... -> P-1, then returning the result
     from rank P-1 by a broadcast (``finish="broadcast"``) or a second ring pass (``"ring"``)."""
-    if finish not in ("broadcast", "ring"):
-        raise ValueError(f"ring finish must be 'broadcast' or 'ring', got {finish!r}")
+    if finish not in RING_FINISHES:
+        raise ValueError(f"ring finish must be one of {RING_FINISHES}, got {finish!r}")
     acc = torch.promote_types(lse.dtype, torch.float32)
     out, lse = out.to(acc), lse.to(acc)
     size, rank = comm.size, comm.rank
     if size == 1:
         return out, lse
-    # One payload per hop: (b, s, h, d + 1) with lse in the last column.
-    packed_shape = (*out.shape[:-1], out.shape[-1] + 1)
     if rank > 0:
-        got = comm.recv(out.new_empty(packed_shape), rank - 1)
-        out, lse = merge_partials(got[..., :-1], got[..., -1].transpose(1, 2), out, lse)
-    packed = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], dim=-1).contiguous()
+        got = comm.recv(out.new_empty((*out.shape[:-1], out.shape[-1] + 1)), rank - 1)
+        out, lse = merge_partials(*_unpack(got), out, lse)
+    packed = _pack(out, lse)
     if rank < size - 1:
-        comm.send(packed, rank + 1)
+        comm.send(packed, rank + 1, PHASE)
     comm.counters.hops += size - 1
     if finish == "broadcast":
-        comm.broadcast(packed, size - 1)
+        comm.broadcast(packed, size - 1, PHASE)
     else:  # P-1 -> 0 -> 1 -> ... -> P-2
         if rank != size - 1:
             comm.recv(packed, (rank - 1) % size)
         if rank != size - 2:
-            comm.send(packed, (rank + 1) % size)
+            comm.send(packed, (rank + 1) % size, PHASE)
         comm.counters.hops += size - 1
-    return packed[..., :-1], packed[..., -1].transpose(1, 2)
+    return _unpack(packed)
 
 
-def butterfly_combine(out: torch.Tensor, lse: torch.Tensor, comm: Comm):
+def butterfly_combine(out: torch.Tensor, lse: torch.Tensor, comm: GroupComm):
     """Exact (out, lse) by recursive doubling: log2 P rounds of one P2P swap + merge."""
     acc = torch.promote_types(lse.dtype, torch.float32)
     out, lse = out.to(acc), lse.to(acc)
     size, rank = comm.size, comm.rank
     if size & (size - 1):
         raise ValueError(f"decode='butterfly' needs a power-of-two cp size, got {size}; use decode='tree'")
-    mask = 1
-    while mask < size:
-        partner = rank ^ mask
-        packed = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], dim=-1).contiguous()
-        got = torch.empty_like(packed)
-        ops = [dist.P2POp(dist.isend, packed, group=comm.group, group_peer=partner),
-               dist.P2POp(dist.irecv, got, group=comm.group, group_peer=partner)]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-        comm.counters.add("sendrecv", tensor_bytes(packed), collective=False)
+    step = 1
+    while step < size:
+        partner = rank ^ step
+        theirs = _unpack(comm.swap(_pack(out, lse), partner, PHASE))
         comm.counters.hops += 1
-        theirs = got[..., :-1], got[..., -1].transpose(1, 2)
         low, high = ((out, lse), theirs) if rank < partner else (theirs, (out, lse))
         out, lse = merge_partials(*low, *high)
-        mask <<= 1
+        step <<= 1
     return out, lse
 
 
 COMBINES = {"tree": tree_combine, "ring": ring_combine, "butterfly": butterfly_combine}
+RING_FINISHES = ("broadcast", "ring")

@@ -5,18 +5,18 @@ its GQA group and over the query tiles its key tile may see, accumulating dK and
 ``_attn_bwd_dq``: one program per (query tile, batch * head) loops over the key tiles, as the
 forward does. Both recompute probabilities from the externally supplied (merged) ``lse`` and
 split their loops into masked and fully visible spans exactly as the forward does (see
-``triton_attention`` and ``triton_plan``).
+``forward`` and ``plan``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .triton_attention import (
-    _key_tile, _load_coords, _load_rows, _query_program, _store_rows, _tile_ranges, _visible,
-)
-from .triton_launch import DKDV_CONFIGS, DQ_CONFIGS, LOG2E, common_consts, device_fn, interpret_mode, kernel_inputs, launch, tl
-from .triton_plan import coord_args, plan
+from ..mask import Coords, Mask
+from .consts import LOG2E
+from .launch import DKDV_CONFIGS, DQ_CONFIGS, common_consts, device_fn, interpret_mode, kernel_inputs, launch, tl
+from .plan import coord_args, plan
+from .tiles import _key_tile, _load_coords, _load_rows, _query_program, _store_rows, _tile_ranges, _visible
 
 
 @device_fn
@@ -137,9 +137,9 @@ DKDV_SPEC = (_attn_bwd_dkdv, DKDV_CONFIGS, "BLOCK_M", "BLOCK_N")
 DQ_SPEC = (_attn_bwd_dq, DQ_CONFIGS, "BLOCK_N", "BLOCK_M")
 
 
-def backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window, scale, delta,
+def backward(dout, q, k, v, out, lse, q_coords: Coords, k_coords: Coords, mask: Mask, scale: float, delta,
              block_q, block_k, tile_plan=None):
-    """See ``triton_attention.triton_backward`` (inputs already checked, scale resolved)."""
+    """See ``attention.triton_backward`` (inputs already checked, scale resolved)."""
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -155,12 +155,12 @@ def backward(dout, q, k, v, out, lse, q_pos, k_pos, q_doc, k_doc, causal, window
     q, k, v, dout = kernel_inputs(interpret, q, k, v, dout.to(q.dtype))
     if dout.stride() != q.stride():  # the kernels read dO with q's strides
         dout, q = dout.contiguous(), q.contiguous()
-    qp, qd, kp, kd, q_info, k_info = tile_plan or plan(q_pos, k_pos, q_doc, k_doc, causal, window, batch,
-                                                       q.device, use_kernel=not interpret)
+    qp, qd, kp, kd, q_info, k_info = tile_plan or plan(q_coords, k_coords, mask, batch, q.device,
+                                                       use_kernel=not interpret)
     common = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
     coords = coord_args(qp, kp, q_info, k_info)
-    tail = [seq_q, seq_k, scale, scale * LOG2E, window or 0]
-    consts = common_consts(q, seq_q, seq_k, causal, window)
+    tail = [seq_q, seq_k, scale, scale * LOG2E, mask.window or 0]
+    consts = common_consts(q, seq_q, seq_k, mask)
     launch(DKDV_SPEC, "BLOCK_N", (seq_k, batch * num_kv_heads),
            [q, k, v, dout, lse, delta, dk, dv, qp, qd, kp, kd, q_info, k_info, *common, *dk.stride()[:3],
             *coords, num_heads, num_kv_heads, num_heads // num_kv_heads, *tail],

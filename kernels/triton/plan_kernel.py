@@ -1,4 +1,4 @@
-"""The tile plan of ``triton_plan`` as one Triton kernel per side, for GPU calls.
+"""The tile plan of ``plan`` as one Triton kernel per side, for GPU calls.
 
 The torch version costs ~140 small device ops per attention call, which a GPU pays in launch
 latency when blocks are short; this one costs a dozen ops and two launches. One program per
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mask import PAD_DOC
-from .triton_launch import device_fn, interpret_mode, launch_grid, tl
-from .triton_plan import BIG, INFO_FIELDS, SUB
+from ..mask import PAD_DOC
+from .consts import BIG, INFO_FIELDS, SUB
+from .launch import device_fn, interpret_mode, launch_grid, tl
 
 
 @device_fn
@@ -110,7 +110,7 @@ PLAN_SPEC = (_plan_runs, None, None, None)
 
 
 def side_info(this_pos, this_doc, other_pos, other_doc, causal, window, query_side):
-    """(rows, runs, 4) int64 run summaries of one side, as ``triton_plan`` computes them."""
+    """(rows, runs, 4) int64 run summaries of one side, as ``plan`` computes them with torch ops."""
     rows, seq_this = this_pos.shape
     seq_other = other_pos.shape[1]
     num_runs = -(-seq_this // SUB)

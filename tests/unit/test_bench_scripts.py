@@ -1,0 +1,104 @@
+"""The benchmark scripts stay runnable and self-contained.
+
+Each script's ``--dry-run`` (tiny sizes, files to a fresh temp directory) runs in a subprocess,
+as a user would run it, and must leave the recorded results in bench/results untouched. The
+scripts import only the installed package, the standard library and numpy / torch / triton /
+matplotlib: no path patching, nothing from tests/ or from each other.
+(bench/kernels.py's dry run is tested in tests/kernels/test_bench_kernels.py.)
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+ALLOWED_TOP_LEVEL = {"lctrain", "lctrain_kernels", "numpy", "torch", "triton", "matplotlib"}
+
+
+def _results_snapshot() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(RESULTS.iterdir()) if p.is_file()}
+
+
+def dry_run(script: str, *extra: str, timeout: float = 120) -> dict:
+    """Run ``bench/<script> --dry-run``; returns the JSON it wrote (asserting where it went)."""
+    before = _results_snapshot()
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--dry-run", *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert _results_snapshot() == before, "a dry run changed bench/results"
+    written = [Path(p) for p in re.findall(r"^wrote (\S+\.json)", proc.stdout, flags=re.M)]
+    assert written, proc.stdout[-2000:]
+    path = written[-1]
+    assert path.is_file() and RESULTS not in path.parents, path
+    record = json.loads(path.read_text())
+    assert {"device", "versions", "command"} <= record.keys()
+    assert "--dry-run" in record["command"] and script in record["command"]
+    return {**record, "stdout": proc.stdout}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path.name}: relative import"
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
+def test_bench_scripts_import_only_the_package(path):
+    text = path.read_text()
+    assert "sys.path" not in text, f"{path.name} patches the import path"
+    foreign = _imported_modules(path) - ALLOWED_TOP_LEVEL - set(sys.stdlib_module_names)
+    assert not foreign, f"{path.name} imports {sorted(foreign)}"
+
+
+def test_cp_balance_dry_run_validates_the_model_on_gloo():
+    record = dry_run("cp_balance.py")
+    assert record["validation_real_strategies"]["ok"]
+    assert record["cross_check_count_visible_pairs"]["ok"]
+    assert {row["strategy"] for row in record["rows"]} == {"ring", "allgather", "ulysses", "usp", "tree"}
+    assert "counters match" in record["stdout"]
+
+
+def test_disagg_balance_dry_run():
+    record = dry_run("disagg_balance.py")
+    methods = {row["method"] for row in record["rows"]}
+    assert {"colocated", "ring-striped", "disagg-colocated", "disagg-dedicated"} <= methods
+
+
+def test_tree_decode_dry_run_counts_the_combines():
+    record = dry_run("tree_decode.py")
+    (row,) = record["measured"]  # P = 2
+    assert (row["tree"]["collectives"], row["butterfly"]["hops"], row["ring"]["hops"]) == (2, 1, 1)
+    assert "assume" in record["network_model"]["source"]
+
+
+@pytest.mark.slow
+def test_disagg_pingpong_dry_run():
+    record = dry_run("disagg_pingpong.py", timeout=300)
+    assert set(record["summary"]) == {"colocated", "dedicated"}
+
+
+def test_kernel_compile_dry_run():
+    pytest.importorskip("triton")
+    record = dry_run("kernel_compile.py", timeout=180)
+    assert {row["name"] for row in record["results"]} == {"fwd", "dkdv", "dq"}
+
+
+def test_cp_counters_dry_run_times_the_three_variants():
+    record = dry_run("cp_counters.py")
+    assert set(record["ratio_to_raw"]) == {"raw", "trainer", "counted"}
+    assert record["ratio_to_raw"]["raw"] == 1.0 and record["counted_pairs_per_call"] > 0
