@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: tiny Llama on built-in passkey retrieval, each sequence split over
-# $(NPROC) >= 2 ranks with striped ring attention (gloo on CPU).
+# $(NPROC) >= 2 ranks with striped ring attention (gloo on CPU); rendezvous on 127.0.0.1 only.
 train: setup
-	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m lctrain.train experiment=cpu_demo \
+	$(PY) -m lctrain.launch --nproc-per-node=$(NPROC) -m lctrain.train experiment=cpu_demo \
 		cp.size=$(NPROC) $(ARGS)
 
 test: setup

@@ -124,11 +124,18 @@ class TrainerConfig:
     # none | tree | ring (the combine across cp ranks); decode_eval_samples per eval.
     decode_eval: str = "none"
     decode_eval_samples: int = 4
-    checkpoint_every: int = 0  # 0: no periodic checkpoints
+    checkpoint_every: int = 500  # 0: no periodic checkpoints (a stop request still saves one)
     checkpoint_dir: Optional[str] = None  # default: <run dir>/checkpoints
-    keep_checkpoints: int = 2
-    save_final: bool = False
-    resume: str = "none"  # none | auto | <checkpoint directory>
+    keep_checkpoints: int = 2  # of this run; another run's checkpoints are never touched
+    save_final: bool = True
+    # auto: continue from the newest verified checkpoint in checkpoint_dir (a fresh start when there
+    # is none) | none: start fresh, refused when checkpoint_dir already holds checkpoints | <step dir>
+    resume: str = "auto"
+    resume_allow_changes: List[str] = field(default_factory=list)  # e.g. [trainer.steps,data.seq_len]
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save and stop on these
+    max_wall_s: float = 0.0  # stop, save and exit after this many seconds of training; 0: no limit
+    comm_timeout_s: float = 300.0  # a collective waiting this long fails the job, naming stalled ranks
+    first_step_timeout_s: float = 1800.0  # the same for set-up and the first step (compiles, data)
     progress: bool = True
     nan_check: bool = True
 
@@ -163,6 +170,7 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     from lctrain.decode.combine import COMBINES
     from lctrain.tracking import LOGGER_MODES, LOGGER_NAMES
 
+    check_known_keys(cfg)
     _one_of(cfg.cp.strategy, strategy_names(), "cp.strategy")
     _one_of(cfg.cp.layout, LAYOUT_NAMES, "cp.layout")
     _one_of(cfg.cp.padding, PADDINGS, "cp.padding")
@@ -201,9 +209,39 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ValueError("data=text needs data.path=<file, directory or glob of .txt/.jsonl files>")
     if cfg.data.tokenizer == "hf" and not cfg.data.tokenizer_path:
         raise ValueError("data.tokenizer=hf needs data.tokenizer_path=<local tokenizer.json>")
+    _check_reliability(cfg)
     if cfg.optim.lr <= 0 or not 0 <= cfg.optim.min_lr_ratio <= 1 or len(cfg.optim.betas) != 2:
         raise ValueError("optim: need lr > 0, 0 <= min_lr_ratio <= 1 and two betas, e.g. optim.betas=[0.9,0.95]")
     return dp
+
+
+def check_known_keys(cfg) -> None:
+    """Every key of the config is in the schema (``+trainer.stepz=5`` adds a key Hydra accepts)."""
+    schema = OmegaConf.structured(TrainConfig)
+    for group, node in cfg.items():
+        if group not in schema:
+            raise ValueError(f"unknown config group {group!r}; the groups are {list(schema)}")
+        for key in node:
+            if key not in schema[group]:
+                close = [k for k in schema[group] if k.startswith(str(key)[:3])]
+                raise ValueError(f"unknown config key {group}.{key}" + (f" (did you mean {group}.{close[0]}?)"
+                                                                        if close else ""))
+
+
+def _check_reliability(cfg) -> None:
+    from lctrain.checkpoint.identity import SHAPE_FIELDS, identity_fields
+    from lctrain.preemption import signal_numbers
+
+    t = cfg.trainer
+    if t.comm_timeout_s <= 0 or t.first_step_timeout_s <= 0 or t.max_wall_s < 0 or t.checkpoint_every < 0:
+        raise ValueError("trainer: need comm_timeout_s > 0, first_step_timeout_s > 0, max_wall_s >= 0 (0: no "
+                         "limit) and checkpoint_every >= 0 (0: none)")
+    signal_numbers(t.stop_signals)
+    changeable = sorted(set(identity_fields(cfg)) - set(SHAPE_FIELDS))
+    for key in t.resume_allow_changes:
+        if key not in changeable:
+            raise ValueError(f"trainer.resume_allow_changes: {key!r} is not a field a resume checks; "
+                             f"allowed: {changeable} (model shape fields can never change)")
 
 
 PADDINGS = ("pad", "none")

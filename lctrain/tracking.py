@@ -27,6 +27,18 @@ class Tracker:
         if logger_cfg.name == "wandb" and logger_cfg.mode != "disabled":
             self.wandb_run = _start_wandb(run_dir, logger_cfg, full_config)
 
+    def rewind(self, step: int, checkpoint: str) -> None:
+        """Resuming at ``step``: drop the rows of steps after it (logged after that checkpoint
+        by the interrupted run) and mark the resume, so every step appears once."""
+        if not self.enabled:
+            return
+        path = Path(self._jsonl.name)
+        self._jsonl.close()
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self._jsonl = open(path, "a", buffering=1)
+        self._jsonl.write(json.dumps({"step": step, "event": "resumed", "checkpoint": checkpoint}) + "\n")
+
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.enabled:
             return

@@ -20,22 +20,35 @@ register_configs()
 @hydra.main(config_path="pkg://lctrain.conf", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
     from lctrain.distributed import init_distributed, shutdown_distributed
-    from lctrain.trainer import build_rank
+    from lctrain.preemption import EXIT_STOPPED
+    from lctrain.trainer import StalledRankError, build_rank
 
     rank = None
     try:
         # Every config mistake surfaces here, before any process group or collective exists.
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        env = init_distributed(cfg.trainer.device)
+        env = init_distributed(cfg.trainer.device, timeout_s=cfg.trainer.first_step_timeout_s)
         rank = build_rank(cfg, env, HydraConfig.get().runtime.output_dir)
-        return rank.fit()["final/train_loss"]
+        summary = rank.fit()
+        if summary.get("final/stopped"):  # saved on request: a rerun resumes
+            sys.exit(EXIT_STOPPED)
+        return summary["final/train_loss"]
     except ValueError as err:  # a user mistake: one line naming the fix, no traceback
-        print(f"lctrain: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(f"lctrain: error (rank {os.environ.get('RANK', '0')}): {err}", 2)
+    except StalledRankError as err:
+        _fail(f"lctrain: {err}", 1)
     finally:
         if rank is not None:
             rank.close()
         shutdown_distributed()
+
+
+def _fail(message: str, code: int) -> None:
+    import logging
+
+    logging.getLogger("lctrain").error(message)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ on ranks a strategy keeps for serving attention only; both have ``fit()`` and ``
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -27,19 +29,30 @@ from lctrain.attention import setup_attention
 from lctrain.attention.strategies import AttentionSetup
 from lctrain.batches import prepare_batch
 from lctrain.build import build_data, build_model, training_dtypes
-from lctrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.checkpoint import check_writable, load_checkpoint, save_checkpoint
+from lctrain.checkpoint.identity import identity_fields
+from lctrain.checkpoint.resume import find_resume_point
 from lctrain.config import validate
 from lctrain.data import ShardedLoader
 from lctrain.data.sample import IGNORE_INDEX
 from lctrain.distributed import DistEnv, all_ranks_flag, broadcast_string, reduce_gradients
+from lctrain.distributed.watchdog import Heartbeat, is_timeout, set_timeout
 from lctrain.evaluate import Evaluator
 from lctrain.models.loss import chunked_cross_entropy
 from lctrain.optim import build_optimizer
+from lctrain.preemption import StopRequests
 from lctrain.tracking import Tracker
+
+log = logging.getLogger("lctrain")
+STOPPED_MARKER = "stopped.json"  # in the run directory after a stop on request; the SLURM script requeues on it
 
 
 class NonFiniteError(RuntimeError):
     """Raised on every rank, before the optimizer step, when any rank sees NaN/inf."""
+
+
+class StalledRankError(RuntimeError):
+    """A collective timed out: a peer rank stalled or died (named when its heartbeat says so)."""
 
 
 def build_rank(cfg, env: DistEnv, run_dir) -> Trainer | AttentionServerRank:
@@ -47,7 +60,7 @@ def build_rank(cfg, env: DistEnv, run_dir) -> Trainer | AttentionServerRank:
     validate(cfg, env.world_size)
     setup = setup_attention(cfg, env)
     if setup.serve is not None:
-        return AttentionServerRank(setup, env)
+        return AttentionServerRank(setup, env, cfg.trainer.stop_signals)
     return Trainer(cfg, env, run_dir, setup)
 
 
@@ -57,8 +70,10 @@ class AttentionServerRank:
     holds_model = False
     step = 0
 
-    def __init__(self, setup: AttentionSetup, env: DistEnv):
+    def __init__(self, setup: AttentionSetup, env: DistEnv, stop_signals=()):
         self.setup, self.env = setup, env
+        # A stop request reaches the workers too: they save, then release this rank.
+        self.stops = StopRequests(stop_signals)
 
     def fit(self) -> Dict[str, Any]:
         start = time.perf_counter()
@@ -72,7 +87,7 @@ class AttentionServerRank:
         """Nothing to save: servers keep no state."""
 
     def close(self) -> None:
-        pass
+        self.stops.restore()
 
 
 class Trainer:
@@ -92,6 +107,8 @@ class Trainer:
         # Every rank must agree on one run directory (Hydra evaluates it per process).
         self.run_dir = Path(broadcast_string(str(run_dir), env.device, group=self.model_group))
         self.ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else self.run_dir / "checkpoints"
+        self.run_id = self.run_dir.name  # a resume inherits the run id of its checkpoint
+        self._check_checkpoint_dir()
 
         self.param_dtype, self.autocast_dtype = training_dtypes(tc.dtype, env.device)
         tokenizer, self.dataset = build_data(cfg.data)
@@ -107,23 +124,42 @@ class Trainer:
         self.tracker = Tracker(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
                                enabled=env.is_main)
         self._maybe_resume()
+        self.stops = StopRequests(tc.stop_signals, tc.max_wall_s)
+        self.heartbeat = Heartbeat(env.rank, env.world_size)
 
     # ----------------------------------------------------------------- set-up
-    def _maybe_resume(self) -> None:
-        resume = self.cfg.trainer.resume
-        if resume == "none":
-            return
-        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            self._print(f"trainer.resume=auto: no checkpoint in {self.ckpt_dir}, starting from step 0")
-            return
-        meta = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.setup.num_model_ranks,
-                               group=self.model_group)
-        self.loader.load_state_dict(meta["data"])
-        self.step = meta["step"]
-        self._print(f"resumed from {path} at step {self.step}")
+    def _check_checkpoint_dir(self) -> None:
+        """A checkpoint directory that cannot be written fails now, not at the first save."""
+        def probe() -> str:
+            try:
+                check_writable(self.ckpt_dir)
+                return ""
+            except ValueError as err:
+                return str(err)
 
-    def _print(self, msg: str) -> None:
+        first = not torch.distributed.is_initialized() or torch.distributed.get_rank(self.model_group) == 0
+        error = broadcast_string(probe() if first else "", self.env.device, group=self.model_group)
+        if error:
+            raise ValueError(error)
+
+    def _maybe_resume(self) -> None:
+        point = find_resume_point(self.cfg, self.ckpt_dir, self.env.device, self.model_group)
+        for warning in point.warnings:
+            self._print(f"warning: {warning}", logging.WARNING)
+        if point.path is None:
+            self._print(f"starting from step 0 (checkpoints go to {self.ckpt_dir})")
+            return
+        meta = load_checkpoint(point.path, self.model, self.optimizer, self.scheduler, self.setup.num_model_ranks,
+                               group=self.model_group, meta=point.meta)
+        self.loader.load_state_dict(meta["data"])
+        self.step, self.run_id = meta["step"], meta.get("run_id", self.run_id)
+        self.tracker.rewind(self.step, str(point.path))
+        changed = f" with changes {point.changes}" if point.changes else ""
+        self._print(f"resumed run {self.run_id} from {point.path} at step {self.step}{changed}")
+
+    def _print(self, msg: str, level: int = logging.INFO) -> None:
+        """Every rank's log file; the console of rank 0."""
+        log.log(level, msg)
         if self.env.is_main:
             tqdm.write(msg)
 
@@ -194,6 +230,35 @@ class Trainer:
                 f"the last checkpoint in {self.ckpt_dir}")
 
     # ------------------------------------------------------------------- loop
+    def _guarded_step(self) -> float:
+        """``train_step``; a collective timeout becomes a StalledRankError naming the quiet ranks."""
+        try:
+            return self.train_step()
+        except RuntimeError as err:
+            if not is_timeout(err) or isinstance(err, NonFiniteError):
+                raise
+            quiet = self.heartbeat.stalled()
+            who = ("rank(s) " + ", ".join(f"{r} (silent for {age:.0f}s, last heartbeat at step {s})"
+                                          for r, (age, s) in sorted(quiet.items()))
+                   if quiet else "a peer rank (no heartbeat could name it)")
+            raise StalledRankError(
+                f"rank {self.env.rank}: a collective timed out during step {self.step + 1}; {who} stopped "
+                f"answering. trainer.comm_timeout_s={self.cfg.trainer.comm_timeout_s:g} bounds the wait; "
+                f"the last checkpoint is in {self.ckpt_dir}") from err
+
+    def _stop_now(self, reason: str) -> Dict[str, Any]:
+        """Every rank, after a step: save it, release attention servers, leave the marker."""
+        saved = getattr(self, "_saved", None)
+        path = saved if saved is not None and saved.name == f"step_{self.step:08d}" else self.save()
+        self.attention.finish()
+        if self.env.is_main:
+            (self.run_dir / STOPPED_MARKER).write_text(json.dumps({"step": self.step, "reason": reason,
+                                                                   "checkpoint": str(path)}))
+        self._print(f"stopped at step {self.step} ({reason}); saved {path}; rerun to resume "
+                    f"(trainer.resume=auto is the default)")
+        return {"final/train_loss": float("nan"), "final/stopped": reason, "final/steps_run": self.step,
+                "final/checkpoint": str(path)}
+
     def fit(self) -> Dict[str, Any]:
         tc = self.cfg.trainer
         tokens_per_step = self.dp_size * tc.micro_batch_size * tc.grad_accum * self.cfg.data.seq_len
@@ -205,13 +270,19 @@ class Trainer:
         try:
             while self.step < tc.steps:
                 t0 = time.perf_counter()
-                loss = self.train_step()
+                loss = self._guarded_step()
                 dt = time.perf_counter() - t0
+                if self.step == start_step + 1 and torch.distributed.is_initialized():
+                    # Set-up and the first step may take long; from now on a stall fails fast.
+                    set_timeout(tc.comm_timeout_s, self._groups_to_time())
+                self.heartbeat.step = self.step
                 metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                            "train/grad_norm": self._last_grad_norm, "train/tokens_per_s": tokens_per_step / dt,
                            "train/step_time_s": dt, **self.attention.step_metrics()}
                 if self.step % self.cfg.logger.log_every == 0 or self.step == tc.steps:
                     self.tracker.log(metrics, self.step)
+                    log.info("step %d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s", self.step, loss,
+                             metrics["train/lr"], self._last_grad_norm, tokens_per_step / dt)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
                 bar.update(1)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
@@ -219,7 +290,11 @@ class Trainer:
                     self.tracker.log(ev, self.step)
                     self._print(f"step {self.step}: " + _fmt(ev))
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
-                    self.save()
+                    self._saved = self.save()
+                reason = self.stops.agreed(self.env.device, self.model_group)
+                if reason:
+                    bar.close()
+                    return self._stop_now(reason)
         finally:
             bar.close()
         if tc.save_final and (not tc.checkpoint_every or self.step % tc.checkpoint_every):
@@ -231,16 +306,28 @@ class Trainer:
                    "final/wall_s": wall, "final/steps_run": self.step - start_step}
         self.tracker.log(final, self.step)
         self.tracker.summary(summary)
+        if self.env.is_main:
+            (self.run_dir / STOPPED_MARKER).unlink(missing_ok=True)
         self._print(_final_line(summary))
         return summary
 
+    def _groups_to_time(self) -> list:
+        g = self.groups
+        return [self.model_group, g.cp_group, g.ulysses_group, g.ring_group]
+
     def save(self) -> Path:
         """Every rank holding model state calls this (over the strategy's model group)."""
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+        run = {"run_id": self.run_id, "identity": identity_fields(self.cfg),
+               "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
                                self.loader.state_dict(), self.setup.num_model_ranks,
-                               self.cfg.trainer.keep_checkpoints, group=self.model_group)
+                               self.cfg.trainer.keep_checkpoints, group=self.model_group, run=run)
+        log.info(f"saved {path}")
+        return path
 
     def close(self) -> None:
+        self.stops.restore()
+        self.heartbeat.close()
         self.tracker.close()
 
 

@@ -51,21 +51,33 @@ def find_text_files(path: str) -> list[str]:
 
 
 def read_documents(file: str, jsonl_key: str = "text") -> list[str]:
-    """The documents of one file: the whole `.txt`, or each `.jsonl` line's `jsonl_key`."""
-    with open(file, encoding="utf-8") as f:
-        if file.endswith(".txt"):
-            return [f.read()]
-        documents = []
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    """The documents of one file: the whole `.txt`, or each `.jsonl` line's `jsonl_key`.
+    ValueError naming the file (and line) when it is not UTF-8 text or not JSON lines."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            if file.endswith(".txt"):
+                return [f.read()]
+            return _jsonl_documents(f, file, jsonl_key)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); the text dataset reads "
+                         f"UTF-8 .txt / .jsonl files: convert or remove it") from None
+
+
+def _jsonl_documents(f, file: str, jsonl_key: str) -> list[str]:
+    documents = []
+    for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if jsonl_key not in record:
-                raise ValueError(
-                    f"{file}:{line_number} has no key {jsonl_key!r} (keys: {sorted(record)}); set jsonl_key"
-                )
-            documents.append(record[jsonl_key])
-        return documents
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}:{line_number} is not a JSON object ({err.msg}); a .jsonl file holds one "
+                             f"JSON object per line") from None
+        if not isinstance(record, dict) or jsonl_key not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{file}:{line_number} has no key {jsonl_key!r} (keys: {keys}); set jsonl_key (data.jsonl_key)")
+        documents.append(record[jsonl_key])
+    return documents
 
 
 class TextDataset:

@@ -7,9 +7,9 @@
 
 CHECKPOINT is a `step_XXXXXXXX` directory, a checkpoints directory (its newest
 complete step is used) or a run directory (`<run>/checkpoints`). The model
-shape and data settings come from the run's `.hydra/config.yaml` (found next
-to the checkpoints directory, or given with --config); the weights are read
-with torch.distributed.checkpoint (tensors only, nothing is unpickled).
+shape and data settings are the ones the checkpoint recorded (or --config); its
+files are verified against their recorded SHA-256 before anything is read, DCP's
+metadata is unpickled through an allow-list and tensors load with weights_only.
 Every process of the launch is one context-parallel rank (gloo on CPU).
 """
 
@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -68,38 +67,29 @@ def find_checkpoint(path: Path) -> Path:
     raise ValueError(f"no complete lctrain checkpoint (step_XXXXXXXX/meta.json) at or under {path}")
 
 
-def find_config(step_dir: Path, given: str | None) -> Path:
-    if given:
-        return Path(given)
-    for parent in list(step_dir.parents)[:3]:
-        candidate = parent / ".hydra" / "config.yaml"
-        if candidate.is_file():
-            return candidate
-    raise ValueError(f"no .hydra/config.yaml above {step_dir}; pass --config <run dir>/.hydra/config.yaml")
-
-
-def load_run_config(path: Path):
-    """The run's saved config merged onto the typed schema (a field it lacks takes its default)."""
+def run_config(step_dir: Path, given: str | None):
+    """The config the checkpoint was trained with (recorded in its meta.json), or ``--config``;
+    merged onto the typed schema, so a field it lacks takes its default."""
     from omegaconf import OmegaConf
 
+    from lctrain.checkpoint import read_meta
     from lctrain.config import TrainConfig
 
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+    saved = OmegaConf.load(given) if given else read_meta(step_dir).get("config")
+    if saved is None:
+        raise ValueError(f"{step_dir} records no config; pass --config <run dir>/.hydra/config.yaml")
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
 
 
 def load_model(step_dir: Path, cfg, dtype: torch.dtype):
-    """The Llama of the run's config with the checkpoint's weights (DCP, tensors only)."""
-    import torch.distributed.checkpoint as dcp
-
+    """The Llama of the run's config with the checkpoint's weights: every file's digest is
+    verified first, DCP's metadata is read through an allow-list, tensors with weights_only."""
     from lctrain.attention import build_attention
     from lctrain.build import build_model
+    from lctrain.checkpoint import load_model_weights
 
     model = build_model(cfg.model, build_attention("none"))
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # no_dist=True is the point: every rank reads the full weights
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
-    model.load_state_dict(state["model"])
+    load_model_weights(step_dir, model)
     return model.to(dtype).eval()
 
 
@@ -116,7 +106,7 @@ def run(args) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     group = dist.group.WORLD if world > 1 else None
     step_dir = find_checkpoint(Path(args.checkpoint))
-    cfg = load_run_config(find_config(step_dir, args.config))
+    cfg = run_config(step_dir, args.config)
     data = cfg.data
     tokenizer = build_tokenizer(data.tokenizer, data.tokenizer_path)
     model = load_model(step_dir, cfg, DTYPES[args.dtype])

@@ -20,8 +20,18 @@ a ring algorithm sends it:
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
+
+# Point-to-point waits do not follow a process group's timeout once it is changed (gloo), so
+# the watchdog sets theirs here too (None: the group's own).
+_P2P_TIMEOUT: list[timedelta | None] = [None]
+
+
+def set_p2p_timeout(seconds: float | None) -> None:
+    _P2P_TIMEOUT[0] = None if seconds is None else timedelta(seconds=seconds)
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -128,14 +138,19 @@ class GroupComm:
         return got
 
     def send(self, x: torch.Tensor, dst: int, phase: str) -> None:
-        dist.send(x, group=self.group, group_dst=dst)
+        wait([dist.isend(x, group=self.group, group_dst=dst)])
         self._count(phase, "send", tensor_bytes(x), collective=False)
 
     def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
-        dist.recv(x, group=self.group, group_src=src)
+        wait([dist.irecv(x, group=self.group, group_src=src)])
         return x
 
 
 def wait(requests) -> None:
+    """Wait for point-to-point requests, within the watchdog's timeout when one is set."""
+    timeout = _P2P_TIMEOUT[0]
     for request in requests:
-        request.wait()
+        if timeout is None:
+            request.wait()
+        else:
+            request.wait(timeout)

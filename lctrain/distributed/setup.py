@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterable, List, Optional
 
 import torch
@@ -28,11 +29,13 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
     """Join the torchrun process group (gloo on CPU, nccl on CUDA), or run alone.
 
     Under plain `python` (no RANK/WORLD_SIZE in the environment) no process group
-    is created and every collective below degrades to a no-op.
+    is created and every collective below degrades to a no-op. ``timeout_s``: the
+    collective timeout (None: the backend's default). Under torchrun the worker
+    also asks for SIGTERM when the agent dies, so it never trains on as an orphan.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -49,8 +52,13 @@ def init_distributed(device: str = "auto") -> DistEnv:
     backend = None
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         backend = "nccl" if use_cuda else "gloo"
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            from lctrain.distributed.watchdog import exit_with_parent
+
+            exit_with_parent()
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+            timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+            dist.init_process_group(backend=backend, device_id=dev if use_cuda else None, **timeout)
     return DistEnv(rank, world, local_rank, local_world, dev, backend)
 
 
@@ -85,6 +93,23 @@ def broadcast_string(text: str, device: torch.device, group=None, max_bytes: int
     dist.broadcast(buf, group=group, group_src=0)
     raw = bytes(buf.cpu().tolist())
     return raw[8:8 + int.from_bytes(raw[:8], "little")].decode()
+
+
+def gather_strings(text: str, device: torch.device, group=None) -> list[str]:
+    """Every rank's string (in group-rank order) on every rank of ``group``: lengths first, then
+    the padded bytes, as uint8 tensors (no pickle)."""
+    if not dist.is_initialized():
+        return [text]
+    size = dist.get_world_size(group)
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+    lengths = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([data.numel()], dtype=torch.long, device=device), group=group)
+    width = max(int(n) for n in lengths)
+    padded = torch.zeros(width, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    return [bytes(part[:int(n)].cpu().tolist()).decode() for part, n in zip(parts, lengths)]
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ def _run(args, cwd, run_id, torchrun_ranks=0, timeout=300):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     if torchrun_ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        cmd = [sys.executable, "-m", "lctrain.launch",
                f"--nproc-per-node={torchrun_ranks}", "-m", "lctrain.train", *args]
     else:
         cmd = [sys.executable, "-m", "lctrain.train", *args]
@@ -56,6 +56,10 @@ def test_wandb_modes_complete_without_network_or_delay(tmp_path, mode):
 
 @pytest.mark.parametrize("override,needle", [
     ("trainer.stepz=3", "stepz"),
+    ("+trainer.stepz=3", "unknown config key trainer.stepz (did you mean trainer.steps?)"),
+    ("trainer.checkpoint_dir=/proc/no/such/dir", "trainer.checkpoint_dir=/proc/no/such/dir is not writable"),
+    ("trainer.resume_allow_changes=[model.dim]", "'model.dim' is not a field a resume checks"),
+    ("trainer.stop_signals=[SIGNOPE]", "'SIGNOPE' is not a signal"),
     ("trainer.steps=abc", "steps"),
     ("model=nope", "nope"),
     ("kernel.name=fast", "kernel.name='fast' is not valid"),

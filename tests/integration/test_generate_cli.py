@@ -23,7 +23,7 @@ def _env(run_id: str) -> dict:
 
 
 def _generate(args, cwd, ranks=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+    cmd = [sys.executable, "-m", "lctrain.launch", f"--nproc-per-node={ranks}",
            "-m", "lctrain.decode.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=_env("gen"), capture_output=True, text=True, timeout=180)
 

@@ -213,3 +213,10 @@ def test_run_dir_and_output_subdir_resolvers(monkeypatch):
     assert cfg.hydra.output_subdir == ".hydra"
     monkeypatch.setenv("RANK", "3")
     assert compose_train(return_hydra_config=True).hydra.output_subdir is None
+
+
+def test_runs_checkpoint_and_resume_by_default():
+    """A run that is preempted or rerun loses nothing unless told otherwise."""
+    t = compose_train().trainer
+    assert t.checkpoint_every == 500 and t.save_final and t.resume == "auto"
+    assert list(t.stop_signals) == ["SIGTERM", "SIGUSR1"] and t.comm_timeout_s == 300

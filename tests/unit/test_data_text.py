@@ -112,6 +112,16 @@ def test_text_single_file_and_default_key(tmp_path):
     assert_sample_invariants(ds.sample(3), 40)
 
 
+@pytest.mark.parametrize("content, name, match", [
+    (b"\x97binary\x00\xff", "bin.txt", r"bin.txt is not UTF-8 text"),
+    (b"{\"text\": \"ok\"}\nnot json\n", "bad.jsonl", r"bad.jsonl:2 is not a JSON object"),
+])
+def test_unreadable_files_are_named(tmp_path, content, name, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        TextDataset(str(tmp_path), seq_len=8, seed=0, tokenizer=TOKENIZER)
+
+
 def test_text_errors_name_the_path(tmp_path):
     missing = str(tmp_path / "missing")
     with pytest.raises(ValueError, match=re.escape(missing)):
