@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "passkey"  # passkey | text
+    name: str = "passkey"  # passkey | copy | text
     seq_len: int = 4096
     seed: int = 1234
     tokenizer: str = "byte"  # byte | hf (a local tokenizer.json at tokenizer_path)
@@ -49,6 +49,9 @@ class DataConfig:
     num_needles: int = 1
     key_digits: int = 5
     filler: str = "sentences"  # sentences | words: what the needles hide in
+    # copy
+    copy_distance: int = 0  # tokens between a token and its copy; 0: the largest odd that fits twice
+    copy_alphabet: int = 4096  # random token ids after the tokenizer's (chance: 1/copy_alphabet)
     # text
     path: Optional[str] = None
     jsonl_key: str = "text"

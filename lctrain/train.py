@@ -23,13 +23,14 @@ def _hydra_main(cfg: DictConfig) -> float:
     from lctrain.preemption import EXIT_STOPPED
     from lctrain.trainer import StalledRankError, build_rank
 
-    rank = None
+    rank, finished = None, False
     try:
         # Every config mistake surfaces here, before any process group or collective exists.
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         env = init_distributed(cfg.trainer.device, timeout_s=cfg.trainer.first_step_timeout_s)
         rank = build_rank(cfg, env, HydraConfig.get().runtime.output_dir)
         summary = rank.fit()
+        finished = True
         if summary.get("final/stopped"):  # saved on request: a rerun resumes
             sys.exit(EXIT_STOPPED)
         return summary["final/train_loss"]
@@ -40,7 +41,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     finally:
         if rank is not None:
             rank.close()
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=finished)
 
 
 def _fail(message: str, code: int) -> None:

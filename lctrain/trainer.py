@@ -114,7 +114,8 @@ class Trainer:
         tokenizer, self.dataset = build_data(cfg.data)
         self.pad_id = tokenizer.pad_id
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg.model, self.attention, tokenizer.vocab_size)
+        self.model = build_model(cfg.model, self.attention,
+                                 getattr(self.dataset, "vocab_size_needed", tokenizer.vocab_size))
         self.model = self.model.to(self.param_dtype).to(env.device)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, tc.steps)
         self.loader = ShardedLoader(self.dataset, tc.micro_batch_size, self.dp_rank, self.dp_size, cfg.data.seed)
@@ -308,7 +309,7 @@ class Trainer:
         self.tracker.summary(summary)
         if self.env.is_main:
             (self.run_dir / STOPPED_MARKER).unlink(missing_ok=True)
-        self._print(_final_line(summary))
+        self._print(_final_line(summary, getattr(self.dataset, "describe", None)))
         return summary
 
     def _groups_to_time(self) -> list:
@@ -335,9 +336,8 @@ def _fmt(metrics: Dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
-def _final_line(s: Dict[str, Any]) -> str:
+def _final_line(s: Dict[str, Any], describe=None) -> str:
     line = f"final train loss {s['final/train_loss']:.4f} | eval loss {s['eval/loss']:.4f}"
-    if "eval/answer_digit_acc" in s:
-        line += (f" | passkey digit accuracy {100 * s['eval/answer_digit_acc']:.1f}% (chance 10.0%)"
-                 f" | exact keys {100 * s['eval/answer_exact']:.1f}%")
+    if "eval/answer_acc" in s and describe is not None:
+        line += f" | {describe(s['eval/answer_acc'])} | exact answers {100 * s['eval/answer_exact']:.1f}%"
     return line + f" | {s['final/steps_run']} steps in {s['final/wall_s']:.0f}s"

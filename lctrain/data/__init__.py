@@ -7,13 +7,14 @@ Every dataset maps a sample index to a dict of 1-D tensors of length seq_len
 
 from __future__ import annotations
 
+from lctrain.data.copy import LongCopyDataset
 from lctrain.data.loader import EVAL_INDEX_OFFSET, ShardedLoader, collate, eval_batches, rank_sample_indices
 from lctrain.data.passkey import PasskeyDataset
 from lctrain.data.sample import IGNORE_INDEX, SAMPLE_KEYS
 from lctrain.data.text import TextDataset
 from lctrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
-DATASETS = {"passkey": PasskeyDataset, "text": TextDataset}
+DATASETS = {"copy": LongCopyDataset, "passkey": PasskeyDataset, "text": TextDataset}
 
 
 def build_dataset(data, tokenizer: Tokenizer) -> PasskeyDataset | TextDataset:
@@ -31,6 +32,7 @@ __all__ = [
     "SAMPLE_KEYS",
     "ByteTokenizer",
     "HFTokenizer",
+    "LongCopyDataset",
     "PasskeyDataset",
     "ShardedLoader",
     "TextDataset",

@@ -123,6 +123,10 @@ class PasskeyDataset:
         return cls(seq_len=data.seq_len, seed=data.seed, tokenizer=tokenizer, docs_per_seq=data.docs_per_seq,
                    num_needles=data.num_needles, key_digits=data.key_digits, filler=data.filler)
 
+    def describe(self, accuracy: float) -> str:
+        """The final line's metric: per-digit accuracy of the answers and its chance level."""
+        return f"passkey digit accuracy {100 * accuracy:.1f}% (chance 10.0%)"
+
     def _encode(self, text: str) -> np.ndarray:
         return np.array(self.tokenizer.encode(text), dtype=np.int64)
 

@@ -155,16 +155,18 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from lctrain.distributed import init_distributed, shutdown_distributed
 
+    finished = False
     try:
         env = init_distributed("cpu")
         threads = args.threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
         torch.set_num_threads(threads)
         run(args)
+        finished = True
     except ValueError as err:  # a user mistake: one line naming the fix
         print(f"lctrain-generate: error (rank {os.environ.get('RANK', '0')}): {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=finished)
 
 
 if __name__ == "__main__":

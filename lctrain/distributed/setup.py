@@ -62,8 +62,16 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     return DistEnv(rank, world, local_rank, local_world, dev, backend)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
+    """Leave the process group. After a run every rank first waits for the others, so no rank
+    tears its sockets down while a peer's gloo thread still reads from them (which aborts the
+    peer); on a failure path (``wait_for_peers=False``) it just leaves."""
     if dist.is_initialized():
+        if wait_for_peers:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer is already gone: nothing left to wait for
+                pass
         dist.destroy_process_group()
 
 

@@ -24,25 +24,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args, queue):
+def _entry(rank, world_size, port, fn, args, queue, wait_at_exit):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    finished = False
     try:
         queue.put((rank, "ok", fn(rank, world_size, *args)))
+        finished = True
     except BaseException:  # report every failure to the parent, never hang it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        import torch.distributed as dist
+        from lctrain.distributed.setup import shutdown_distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(wait_for_peers=finished and wait_at_exit)
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, ranks=None, join_timeout: float = 30.0):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    # Ranks wait for each other before leaving the group, unless some are meant to hang.
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, ranks is None))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     waited = set(range(world_size) if ranks is None else ranks)

@@ -36,7 +36,7 @@ def test_torchrun_two_ranks_trains_evaluates_and_checkpoints(tmp_path):
     run_dir = tmp_path / "outputs" / "cli2"
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3]
-    assert any("eval/answer_digit_acc" in x for x in lines)
+    assert any("eval/answer_acc" in x for x in lines)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "step_00000002" / "meta.json").is_file()
     assert {p.name for p in run_dir.glob("train_rank*.log")} == {"train_rank0.log", "train_rank1.log"}
