@@ -106,7 +106,7 @@ def pyplot(path: Path):
     try:
         import matplotlib
     except ImportError:
-        print(f"matplotlib is not installed: skipping {path} (pip install -e '.[bench]')")
+        print(f"matplotlib is not installed: skipping {path} (pip install matplotlib)")
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

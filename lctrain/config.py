@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "passkey"  # passkey | copy | text
+    name: str = "passkey"  # passkey | recall | copy | text
     seq_len: int = 4096
     seed: int = 1234
     tokenizer: str = "byte"  # byte | hf (a local tokenizer.json at tokenizer_path)
@@ -52,6 +52,13 @@ class DataConfig:
     # copy
     copy_distance: int = 0  # tokens between a token and its copy; 0: the largest odd that fits twice
     copy_alphabet: int = 4096  # random token ids after the tokenizer's (chance: 1/copy_alphabet)
+    copy_curriculum_samples: int = 0  # documents grow from copy_min_doc_len to seq_len over these samples
+    copy_min_doc_len: int = 256
+    # recall
+    recall_classes: int = 16  # needles (and queries) per document, one per class
+    recall_values: int = 64  # values a needle can carry (chance: 1/recall_values)
+    recall_curriculum_samples: int = 0  # documents grow from recall_min_doc_len to seq_len over these samples
+    recall_min_doc_len: int = 128
     # text
     path: Optional[str] = None
     jsonl_key: str = "text"
@@ -101,6 +108,17 @@ class OptimConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How model state is held across the model group's ranks (lctrain.engines)."""
+
+    name: str = "ddp"  # ddp: replicated, gradients summed by DDP | fsdp2: sharded with fully_shard
+    bucket_mb: float = 25.0  # ddp: gradient bucket size (all-reduced while the backward runs)
+    reshard_after_forward: bool = True  # fsdp2: free gathered weights after a block's forward
+    mixed_precision: str = "none"  # fsdp2: none | bf16 | fp16 compute weights (gradients reduced in fp32)
+    cpu_offload: bool = False  # fsdp2: keep parameter, gradient and optimizer shards in host memory
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"  # none | wandb
     mode: str = "offline"  # wandb: online | offline | disabled
@@ -134,6 +152,9 @@ class TrainerConfig:
     # auto: continue from the newest verified checkpoint in checkpoint_dir (a fresh start when there
     # is none) | none: start fresh, refused when checkpoint_dir already holds checkpoints | <step dir>
     resume: str = "auto"
+    # Warm start: a fresh run (nothing to resume) begins from the model weights of this checkpoint
+    # (a step directory, a checkpoints directory or a run directory); optimizer and data start anew.
+    init_from: Optional[str] = None
     resume_allow_changes: List[str] = field(default_factory=list)  # e.g. [trainer.steps,data.seq_len]
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save and stop on these
     max_wall_s: float = 0.0  # stop, save and exit after this many seconds of training; 0: no limit
@@ -151,6 +172,7 @@ class TrainConfig:
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -171,6 +193,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     from lctrain.data import DATASETS
     from lctrain.data.tokenizer import TOKENIZER_NAMES
     from lctrain.decode.combine import COMBINES
+    from lctrain.engines import ENGINES
+    from lctrain.engines.fsdp2 import PARAM_DTYPES
     from lctrain.tracking import LOGGER_MODES, LOGGER_NAMES
 
     check_known_keys(cfg)
@@ -184,6 +208,12 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     _one_of(cfg.data.name, tuple(DATASETS), "data.name")
     _one_of(cfg.data.tokenizer, TOKENIZER_NAMES, "data.tokenizer")
     _one_of(cfg.logger.name, LOGGER_NAMES, "logger")
+    _one_of(cfg.engine.name, tuple(ENGINES), "engine.name")
+    _one_of(cfg.engine.mixed_precision, tuple(PARAM_DTYPES), "engine.mixed_precision")
+    if cfg.engine.name == "fsdp2" and cfg.cp.strategy == "disagg" and cfg.disagg.ping_pong:
+        raise ValueError("cp=disagg with disagg.ping_pong=true interleaves the halves of each block inside the "
+                         "model's forward, which engine=fsdp2's per-block weight gathering cannot follow; set "
+                         "disagg.ping_pong=false or use engine=ddp")
     _one_of(cfg.logger.mode, LOGGER_MODES, "logger.mode")
     strategy = get_strategy(cfg.cp.strategy)
     if cfg.trainer.decode_eval != "none" and (cfg.data.name != "passkey" or not strategy.decodes):

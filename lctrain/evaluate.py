@@ -60,6 +60,8 @@ class Evaluator:
         out = {"eval/loss": float(stats[0] / stats[1].clamp_min(1))}
         if stats[3] > 0:
             out["eval/answer_acc"] = float(stats[2] / stats[3])
+            if hasattr(self.dataset, "chance"):
+                out["eval/answer_chance"] = self.dataset.chance
             out["eval/answer_exact"] = float(stats[4] / num)
         if tc.decode_eval != "none":
             out.update(self.decode(tc.decode_eval, tc.decode_eval_samples))

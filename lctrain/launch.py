@@ -40,7 +40,13 @@ def _bound_store_class(base):
             if is_master and kwargs.get("master_listen_fd") is None:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((_bind_address(host_name), int(port)))
+                try:
+                    sock.bind((_bind_address(host_name), int(port)))
+                except OSError as err:
+                    sock.close()
+                    # Another agent on this host already serves the rendezvous (several "nodes" on one
+                    # machine): torchrun retries as a client on RuntimeError, as for its own stores.
+                    raise RuntimeError(f"cannot listen on {host_name}:{port}: {err}") from err
                 sock.listen(1024)
                 kwargs["master_listen_fd"] = sock.fileno()
                 self._listen_socket = sock  # the store serves on it; keep it open

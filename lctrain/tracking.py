@@ -39,6 +39,10 @@ class Tracker:
         self._jsonl = open(path, "a", buffering=1)
         self._jsonl.write(json.dumps({"step": step, "event": "resumed", "checkpoint": checkpoint}) + "\n")
 
+    def flush(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.flush()
+
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.enabled:
             return

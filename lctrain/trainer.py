@@ -23,20 +23,22 @@ from typing import Any, Dict
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 from lctrain.attention import setup_attention
 from lctrain.attention.strategies import AttentionSetup
 from lctrain.batches import prepare_batch
 from lctrain.build import build_data, build_model, training_dtypes
-from lctrain.checkpoint import check_writable, load_checkpoint, save_checkpoint
+from lctrain.checkpoint import check_writable, find_step_dir, load_checkpoint, load_model_weights, save_checkpoint
 from lctrain.checkpoint.identity import identity_fields
 from lctrain.checkpoint.resume import find_resume_point
 from lctrain.config import validate
 from lctrain.data import ShardedLoader
 from lctrain.data.sample import IGNORE_INDEX
-from lctrain.distributed import DistEnv, all_ranks_flag, broadcast_string, reduce_gradients
+from lctrain.distributed import DistEnv, all_ranks_flag, broadcast_string
 from lctrain.distributed.watchdog import Heartbeat, is_timeout, set_timeout
+from lctrain.engines import build_engine
 from lctrain.evaluate import Evaluator
 from lctrain.models.loss import chunked_cross_entropy
 from lctrain.optim import build_optimizer
@@ -117,6 +119,10 @@ class Trainer:
         self.model = build_model(cfg.model, self.attention,
                                  getattr(self.dataset, "vocab_size_needed", tokenizer.vocab_size))
         self.model = self.model.to(self.param_dtype).to(env.device)
+        # The engine holds the model state across the model group (replicated or sharded); the
+        # optimizer is built on what it leaves on this rank.
+        self.engine = build_engine(cfg, self.model, self.model_group, env.device, self.setup.num_model_ranks)
+        self._state_bytes = None  # what this rank holds, measured in the first step
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, tc.steps)
         self.loader = ShardedLoader(self.dataset, tc.micro_batch_size, self.dp_rank, self.dp_size, cfg.data.seed)
         self.evaluate = Evaluator(self.model, self.dataset, cfg, self.setup, env.device, self._prepare,
@@ -148,6 +154,8 @@ class Trainer:
         for warning in point.warnings:
             self._print(f"warning: {warning}", logging.WARNING)
         if point.path is None:
+            if self.cfg.trainer.init_from:
+                self._warm_start(self.cfg.trainer.init_from)
             self._print(f"starting from step 0 (checkpoints go to {self.ckpt_dir})")
             return
         meta = load_checkpoint(point.path, self.model, self.optimizer, self.scheduler, self.setup.num_model_ranks,
@@ -157,6 +165,26 @@ class Trainer:
         self.tracker.rewind(self.step, str(point.path))
         changed = f" with changes {point.changes}" if point.changes else ""
         self._print(f"resumed run {self.run_id} from {point.path} at step {self.step}{changed}")
+
+    def _warm_start(self, source: str) -> None:
+        """Model weights from another run's checkpoint (every rank reads them whole and verified)."""
+        def load() -> str:
+            try:
+                step_dir = find_step_dir(source)
+                load_model_weights(step_dir, self.model)
+                return str(step_dir)
+            except (Exception, CheckpointException) as err:  # DCP reports a shape mismatch in its own type
+                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+                reason = next((ln for ln in reversed(lines) if "mismatch" in ln), lines[0] if lines else repr(err))
+                return (f"error: trainer.init_from={source}: {reason} (the model config must match the "
+                        f"checkpoint's)" if "mismatch" in reason else f"error: trainer.init_from={source}: {reason}")
+
+        outcome = load()
+        failed = all_ranks_flag(outcome.startswith("error: "), self.env.device, self.model_group)
+        if failed:
+            raise ValueError(outcome[len("error: "):] if outcome.startswith("error: ") else
+                             f"trainer.init_from={source} failed to load on rank(s) {failed}")
+        self._print(f"initialised the model from {outcome} (optimizer and data start fresh)")
 
     def _print(self, msg: str, level: int = logging.INFO) -> None:
         """Every rank's log file; the console of rank 0."""
@@ -180,7 +208,8 @@ class Trainer:
     def loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of per-token cross-entropies of one micro batch (weighted answers)."""
         with self._autocast():
-            hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["token_pos"])
+            hidden = self.engine.module(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
+                                        batch["token_pos"])
             total = chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
                                           self.cfg.model.loss_chunk_tokens)
             extra = self.cfg.data.answer_loss_weight - 1.0
@@ -202,17 +231,19 @@ class Trainer:
         # gradients across ranks are exactly those of the global mean loss.
         denom = self._global_token_count(batches)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             self.attention.begin_step()  # the strategy's once-per-micro-batch checks (shard shapes)
-            loss = self.loss_sum(batch) / denom.to(torch.float32 if self.param_dtype != torch.float64 else torch.float64)
-            loss.backward()
+            with self.engine.accumulate(last=i == len(batches) - 1):  # the engine reduces on the last
+                loss = self.loss_sum(batch) / denom.to(torch.float32 if self.param_dtype != torch.float64
+                                                       else torch.float64)
+                loss.backward()
             loss_total += loss.detach().to(torch.float64)
-        params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.trainer.nan_check:
-            self._check_finite(loss_total, params)
-        reduce_gradients(params, group=self.model_group)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+            self._check_finite(loss_total, self.engine.local_grads())
+        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
         self.optimizer.step()
+        if self._state_bytes is None:  # the first step: gradients and optimizer state both exist now
+            self._state_bytes = self.engine.state_bytes(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
@@ -220,9 +251,13 @@ class Trainer:
         self._last_grad_norm = float(grad_norm)
         return float(loss_total)
 
-    def _check_finite(self, loss: torch.Tensor, params) -> None:
-        local = torch.stack([loss.float()] + [p.grad.float().norm() for p in params])
-        bad = all_ranks_flag(not bool(torch.isfinite(local).all()), self.env.device, self.model_group)
+    def _check_finite(self, loss: torch.Tensor, grads) -> None:
+        # The engine has already reduced the gradients (during the backward), so one rank's NaN is
+        # everyone's by now: the ranks whose own loss is non-finite are the ones to name.
+        loss_bad = all_ranks_flag(not bool(torch.isfinite(loss)), self.env.device, self.model_group)
+        grad_norms = torch.stack([g.float().norm() for g in grads]) if grads else torch.zeros(1)
+        grads_bad = all_ranks_flag(not bool(torch.isfinite(grad_norms).all()), self.env.device, self.model_group)
+        bad = loss_bad or grads_bad
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
@@ -255,6 +290,8 @@ class Trainer:
         if self.env.is_main:
             (self.run_dir / STOPPED_MARKER).write_text(json.dumps({"step": self.step, "reason": reason,
                                                                    "checkpoint": str(path)}))
+        if self.env.is_main:
+            self._draw_curves()
         self._print(f"stopped at step {self.step} ({reason}); saved {path}; rerun to resume "
                     f"(trainer.resume=auto is the default)")
         return {"final/train_loss": float("nan"), "final/stopped": reason, "final/steps_run": self.step,
@@ -273,9 +310,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss = self._guarded_step()
                 dt = time.perf_counter() - t0
-                if self.step == start_step + 1 and torch.distributed.is_initialized():
-                    # Set-up and the first step may take long; from now on a stall fails fast.
-                    set_timeout(tc.comm_timeout_s, self._groups_to_time())
+                if self.step == start_step + 1:
+                    self._report_state_bytes()  # gradients and optimizer state exist from the first step on
+                    if torch.distributed.is_initialized():
+                        # Set-up and the first step may take long; from now on a stall fails fast.
+                        set_timeout(tc.comm_timeout_s, self._groups_to_time())
                 self.heartbeat.step = self.step
                 metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                            "train/grad_norm": self._last_grad_norm, "train/tokens_per_s": tokens_per_step / dt,
@@ -309,8 +348,35 @@ class Trainer:
         self.tracker.summary(summary)
         if self.env.is_main:
             (self.run_dir / STOPPED_MARKER).unlink(missing_ok=True)
+            self._draw_curves()
         self._print(_final_line(summary, getattr(self.dataset, "describe", None)))
         return summary
+
+    def _report_state_bytes(self) -> None:
+        """Bytes of parameters, gradients and optimizer state each model rank holds (its shards), in
+        the log and in ``state_bytes.json`` of the run directory."""
+        keys = ("params", "grads", "optimizer")
+        mine = self._state_bytes
+        n = self.setup.num_model_ranks
+        table = torch.zeros(n, len(keys), dtype=torch.float64, device=self.env.device)
+        rank = dist.get_rank(self.model_group) if dist.is_initialized() else 0
+        table[rank] = torch.tensor([float(mine[k]) for k in keys], dtype=torch.float64)
+        self._all_reduce(table)
+        per_rank = [{k: int(v) for k, v in zip(keys, row.tolist())} for row in table.cpu()]
+        if self.env.is_main:
+            (self.run_dir / "state_bytes.json").write_text(json.dumps(
+                {"engine": self.engine.name, "ranks": per_rank}, indent=1))
+        worst = max(per_rank, key=lambda r: sum(r.values()))
+        self._print(f"engine {self.engine.name}: model state per rank up to "
+                    + ", ".join(f"{k} {worst[k] / 2**20:.2f} MiB" for k in keys)
+                    + f" ({n} model ranks; {self.run_dir / 'state_bytes.json'})")
+
+    def _draw_curves(self) -> None:
+        """Rank 0: the run's curves next to its metrics (``lctrain-plot RUN_DIR`` redraws them)."""
+        from lctrain.plot import plot_run
+
+        self.tracker.flush()
+        log.info(f"wrote {plot_run(self.run_dir)}")
 
     def _groups_to_time(self) -> list:
         g = self.groups

@@ -14,6 +14,7 @@ from .files import META, check_writable, read_meta
 from .store import (
     CheckpointChoice,
     choose_checkpoint,
+    find_step_dir,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -21,5 +22,5 @@ from .store import (
     save_checkpoint,
 )
 
-__all__ = ["META", "CheckpointChoice", "check_writable", "choose_checkpoint", "latest_checkpoint",
+__all__ = ["META", "CheckpointChoice", "check_writable", "choose_checkpoint", "find_step_dir", "latest_checkpoint",
            "load_checkpoint", "load_model_weights", "prune_checkpoints", "read_meta", "save_checkpoint"]

@@ -126,6 +126,19 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[Path]:
     return None
 
 
+def find_step_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint ``path`` names: a ``step_XXXXXXXX`` directory itself, else the newest complete
+    one in ``path`` or in ``path/checkpoints`` (a run directory); not yet verified."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise ValueError(f"no complete lctrain checkpoint (step_XXXXXXXX/meta.json) at or under {path}")
+
+
 def verify_checkpoint(path: Path) -> dict:
     """meta.json of ``path`` after checking every recorded file's digest (ValueError naming
     the file otherwise). Nothing is unpickled here."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 from lctrain.data.copy import LongCopyDataset
 from lctrain.data.loader import EVAL_INDEX_OFFSET, ShardedLoader, collate, eval_batches, rank_sample_indices
 from lctrain.data.passkey import PasskeyDataset
+from lctrain.data.recall import LongRecallDataset
 from lctrain.data.sample import IGNORE_INDEX, SAMPLE_KEYS
 from lctrain.data.text import TextDataset
 from lctrain.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
-DATASETS = {"copy": LongCopyDataset, "passkey": PasskeyDataset, "text": TextDataset}
+DATASETS = {"copy": LongCopyDataset, "passkey": PasskeyDataset, "recall": LongRecallDataset, "text": TextDataset}
 
 
 def build_dataset(data, tokenizer: Tokenizer) -> PasskeyDataset | TextDataset:
@@ -33,6 +34,7 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "LongCopyDataset",
+    "LongRecallDataset",
     "PasskeyDataset",
     "ShardedLoader",
     "TextDataset",

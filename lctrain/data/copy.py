@@ -16,6 +16,12 @@ the one after it), which gradient descent finds much faster than an exact 2047-t
 Chance is 1/alphabet per token. The model's vocabulary must hold the tokenizer's and the
 alphabet (``vocab_size_needed``).
 
+A curriculum (``curriculum_samples`` > 0) packs several shorter copy documents into each
+sequence at first: the first half of the ``curriculum_samples`` samples hold documents of
+``min_doc_len`` tokens, the second half documents growing geometrically to seq_len (each
+document its own copy at L/2 - 1 back, with its own doc id). The copy circuit forms fastest over short spans
+and then stretches to the full distance; held-out (eval) samples are always full length.
+
 The default distance is the largest odd number that fits twice: 2047 at 4096 tokens. Odd,
 so that under the striped layout a token and its source always sit on different cp ranks
 (and under contiguous or zigzag ones the copy lies in the other half of the sequence): the
@@ -27,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lctrain.data.curriculum import Curriculum, doc_arrays
 from lctrain.data.sample import IGNORE_INDEX, build_sample, check_index, check_seed, sample_rng
 from lctrain.data.tokenizer import ByteTokenizer, Tokenizer
 
@@ -41,7 +48,7 @@ class LongCopyDataset:
     """Deterministic, infinite stream of copy sequences; sample i is a function of (seed, i)."""
 
     def __init__(self, seq_len: int, seed: int, tokenizer: Tokenizer | None = None, distance: int = 0,
-                 alphabet: int = 4096):
+                 alphabet: int = 4096, curriculum_samples: int = 0, min_doc_len: int = 256):
         check_seed(seed)
         self.seq_len, self.seed = seq_len, seed
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
@@ -55,12 +62,14 @@ class LongCopyDataset:
         self.first_id = self.tokenizer.vocab_size  # random ids follow the tokenizer's: never text
         self.vocab_size_needed = self.first_id + alphabet
         self.copy_len = min(self.distance, seq_len - self.distance - 2)
+        self.curriculum = Curriculum(seq_len, curriculum_samples, min_doc_len, "copy")
 
     @classmethod
     def from_config(cls, data, tokenizer: Tokenizer) -> LongCopyDataset:
         """The dataset ``data=copy`` describes (a ``DataConfig``)."""
         return cls(seq_len=data.seq_len, seed=data.seed, tokenizer=tokenizer, distance=data.copy_distance,
-                   alphabet=data.copy_alphabet)
+                   alphabet=data.copy_alphabet, curriculum_samples=data.copy_curriculum_samples,
+                   min_doc_len=data.copy_min_doc_len)
 
     @property
     def chance(self) -> float:
@@ -71,18 +80,32 @@ class LongCopyDataset:
         return (f"long-range copy accuracy {100 * accuracy:.1f}% (chance {100 * self.chance:.1f}%) "
                 f"at {self.distance} tokens back")
 
+    def doc_len(self, index: int) -> int:
+        return self.curriculum.doc_len(index)
+
     def sample(self, index: int) -> dict[str, torch.Tensor]:
         check_index(index)
         rng = sample_rng(self.seed, index)
-        unique = self.alphabet >= self.distance
-        source = self.first_id + rng.choice(self.alphabet, size=self.distance, replace=not unique)
-        copy = source[: self.copy_len]
-        tail = self.seq_len - 1 - self.distance - self.copy_len  # random filler, then EOS
-        filler = self.first_id + rng.integers(0, self.alphabet, size=tail - 1)
-        tokens = np.concatenate([[self.tokenizer.bos_id], source, copy, filler, [self.tokenizer.eos_id]])
-        is_copy = np.zeros(self.seq_len, dtype=bool)
-        is_copy[1 + self.distance: 1 + self.distance + self.copy_len] = True
-        sample = build_sample(tokens, np.zeros(self.seq_len, dtype=np.int64), np.arange(self.seq_len), is_copy)
+        lengths = self.curriculum.lengths(index)
+        if lengths == [self.seq_len]:
+            tokens, is_copy = self._document(rng, self.seq_len, self.distance, self.copy_len)
+        else:  # packed shorter documents, each with its own distance (no single offset fits them all)
+            docs = [self._document(rng, n, d, min(d, n - d - 2))
+                    for n, d in ((n, int(rng.integers(n // 4, default_distance(n) + 1))) for n in lengths)]
+            tokens, is_copy = (np.concatenate(parts) for parts in zip(*docs))
+        doc_ids, positions = doc_arrays(lengths)
+        sample = build_sample(tokens, doc_ids, positions, is_copy)
         # Only the copy is learnable: every other label would be noise on the gradient.
         sample["labels"] = torch.where(sample["answer_mask"], sample["labels"], IGNORE_INDEX)
         return sample
+
+    def _document(self, rng: np.random.Generator, length: int, distance: int, copy_len: int):
+        """(tokens, is_copy) of one document: BOS, distance random tokens, their copy, filler, EOS."""
+        unique = self.alphabet >= distance
+        source = self.first_id + rng.choice(self.alphabet, size=distance, replace=not unique)
+        tail = length - 1 - distance - copy_len  # random filler, then EOS
+        filler = self.first_id + rng.integers(0, self.alphabet, size=tail - 1)
+        tokens = np.concatenate([[self.tokenizer.bos_id], source, source[:copy_len], filler, [self.tokenizer.eos_id]])
+        is_copy = np.zeros(length, dtype=bool)
+        is_copy[1 + distance: 1 + distance + copy_len] = True
+        return tokens, is_copy

@@ -123,6 +123,8 @@ class PasskeyDataset:
         return cls(seq_len=data.seq_len, seed=data.seed, tokenizer=tokenizer, docs_per_seq=data.docs_per_seq,
                    num_needles=data.num_needles, key_digits=data.key_digits, filler=data.filler)
 
+    chance = 0.1  # per answer digit
+
     def describe(self, accuracy: float) -> str:
         """The final line's metric: per-digit accuracy of the answers and its chance level."""
         return f"passkey digit accuracy {100 * accuracy:.1f}% (chance 10.0%)"

@@ -54,19 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def find_checkpoint(path: Path) -> Path:
-    """The step directory that CHECKPOINT names (newest complete one for a directory of steps)."""
-    from lctrain.checkpoint import META, latest_checkpoint
-
-    if (path / META).is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise ValueError(f"no complete lctrain checkpoint (step_XXXXXXXX/meta.json) at or under {path}")
-
-
 def run_config(step_dir: Path, given: str | None):
     """The config the checkpoint was trained with (recorded in its meta.json), or ``--config``;
     merged onto the typed schema, so a field it lacks takes its default."""
@@ -105,7 +92,9 @@ def run(args) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     group = dist.group.WORLD if world > 1 else None
-    step_dir = find_checkpoint(Path(args.checkpoint))
+    from lctrain.checkpoint import find_step_dir
+
+    step_dir = find_step_dir(Path(args.checkpoint))
     cfg = run_config(step_dir, args.config)
     data = cfg.data
     tokenizer = build_tokenizer(data.tokenizer, data.tokenizer_path)

@@ -4,7 +4,6 @@ from lctrain.distributed.setup import (
     broadcast_string,
     gather_strings,
     init_distributed,
-    reduce_gradients,
     shutdown_distributed,
 )
 
@@ -14,6 +13,5 @@ __all__ = [
     "broadcast_string",
     "gather_strings",
     "init_distributed",
-    "reduce_gradients",
     "shutdown_distributed",
 ]

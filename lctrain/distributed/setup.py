@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -118,29 +118,3 @@ def gather_strings(text: str, device: torch.device, group=None) -> list[str]:
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded, group=group)
     return [bytes(part[:int(n)].cpu().tolist()).decode() for part, n in zip(parts, lengths)]
-
-
-@torch.no_grad()
-def reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, bucket_numel: int = 1 << 24) -> None:
-    """Sum gradients across the group in flat buckets (one collective per bucket).
-
-    The loss is already normalised by the global token count, so a sum (not a
-    mean) gives the exact gradient of the global mean loss.
-    """
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: List[torch.Tensor] = []
-    size = 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel()
-        if bucket and (g is None or size >= bucket_numel):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat, group=group)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0

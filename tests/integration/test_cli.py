@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,14 +33,33 @@ def test_torchrun_two_ranks_trains_evaluates_and_checkpoints(tmp_path):
     proc, _ = _run(["experiment=cpu_demo", *SMALL, "trainer.checkpoint_every=2"], tmp_path, "cli2",
                    torchrun_ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "final train loss" in proc.stdout and "passkey digit accuracy" in proc.stdout
+    final = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"final train loss \d+\.\d{4} \| eval loss \d+\.\d{4} \| long-range recall accuracy "
+                        r"\d+\.\d% \(chance 1\.6%\) at >= 224 tokens back \| exact answers \d+\.\d% \| "
+                        r"3 steps in \d+s", final), final
     run_dir = tmp_path / "outputs" / "cli2"
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2, 3]
     assert any("eval/answer_acc" in x for x in lines)
-    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "curves.png").stat().st_size > 10_000
     assert (run_dir / "checkpoints" / "step_00000002" / "meta.json").is_file()
     assert {p.name for p in run_dir.glob("train_rank*.log")} == {"train_rank0.log", "train_rank1.log"}
+    # lctrain-plot redraws the curves from metrics.jsonl; a directory without metrics says so.
+    plot = subprocess.run([sys.executable, "-m", "lctrain.plot", str(run_dir), "--out", str(tmp_path / "re.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0 and (tmp_path / "re.png").stat().st_size > 10_000, plot.stderr
+    bad = subprocess.run([sys.executable, "-m", "lctrain.plot", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "metrics.jsonl does not exist" in bad.stderr
+
+
+def test_torchrun_fsdp2_shards_the_model_state_and_reports_it(tmp_path):
+    proc, _ = _run(["experiment=cpu_demo", *SMALL, "engine=fsdp2"], tmp_path, "fsdp", torchrun_ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine fsdp2: model state per rank" in proc.stdout
+    report = json.loads((tmp_path / "outputs" / "fsdp" / "state_bytes.json").read_text())
+    params = [r["params"] for r in report["ranks"]]
+    assert report["engine"] == "fsdp2" and len(params) == 2 and max(params) < 0.55 * sum(params)
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])

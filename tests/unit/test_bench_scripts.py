@@ -102,3 +102,12 @@ def test_cp_counters_dry_run_times_the_three_variants():
     record = dry_run("cp_counters.py")
     assert set(record["ratio_to_raw"]) == {"raw", "trainer", "counted"}
     assert record["ratio_to_raw"]["raw"] == 1.0 and record["counted_pairs_per_call"] > 0
+
+
+def test_engine_memory_dry_run_counts_real_shards():
+    record = dry_run("engine_memory.py")
+    rows = {(r["engine"], r["ranks"]): r for r in record["rows"]}
+    assert rows["ddp", 2]["total"] == rows["ddp", 4]["total"]
+    assert rows["ddp", 2]["ratio_to_formula"] == pytest.approx(1.0, rel=1e-4)  # + AdamW's step counters
+    # fsdp2 rank 0 holds ceil(rows / N) of every tensor: within a fraction of a percent of 16 B x P / N.
+    assert 1.0 <= rows["fsdp2", 4]["ratio_to_formula"] < 1.01 and rows["fsdp2", 4]["total"] < rows["fsdp2", 2]["total"]

@@ -104,7 +104,7 @@ def test_llama3_8b_values_come_from_yaml():
 def test_cpu_demo_experiment():
     cfg = compose_train(["experiment=cpu_demo"])
     assert cfg.model.name == "tiny" and cfg.model.dim == 128
-    assert cfg.data.name == "passkey" and cfg.data.seq_len >= 4096
+    assert cfg.data.name == "recall" and cfg.data.seq_len >= 4096 and cfg.data.recall_curriculum_samples > 0
     assert cfg.trainer.steps >= 100 and (cfg.cp.strategy, cfg.cp.layout, cfg.cp.size) == ("ring", "striped", 2)
     assert validate(cfg, 2) == 1
     # Command-line overrides still win over the experiment.

@@ -189,7 +189,7 @@ def test_build_dataset():
 
     ds = build_dataset(DataConfig(name="passkey", seq_len=512, seed=0, num_needles=2), TOKENIZER)
     assert isinstance(ds, PasskeyDataset) and ds.seq_len == 512 and ds.num_needles == 2
-    with pytest.raises(ValueError, match="passkey, text"):
+    with pytest.raises(ValueError, match="copy, passkey, recall, text"):
         build_dataset(DataConfig(name="c4", seq_len=512, seed=0), TOKENIZER)
 
 

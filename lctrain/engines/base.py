@@ -1,0 +1,48 @@
+"""What the trainer asks of an engine (one rank's view)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+class Engine:
+    """``module`` runs the forward (the model, or a wrapper of it); ``model`` is the single-device
+    module tree (its state dict is the checkpoint's, with the same names under every engine)."""
+
+    name = "local"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.module = model
+
+    @contextmanager
+    def accumulate(self, last: bool):
+        """Around one micro batch's forward and backward: gradients are reduced on the last only."""
+        yield
+
+    def local_grads(self) -> list[torch.Tensor]:
+        """This rank's gradient tensors (its shards under a sharding engine), for finiteness checks."""
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the (reduced) gradients to ``max_norm`` in place; the global norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def state_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients and optimizer state (local shards)."""
+        def size(t) -> int:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        params = list(self.model.parameters())
+        return {"params": sum(size(p) for p in params),
+                "grads": sum(size(p.grad) for p in params if p.grad is not None),
+                "optimizer": sum(size(v) for s in optimizer.state.values() for v in s.values()
+                                 if isinstance(v, torch.Tensor))}
+
+
+class LocalEngine(Engine):
+    """One rank holds the model alone: nothing to reduce."""
