@@ -319,6 +319,8 @@ class Trainer:
                 metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                            "train/grad_norm": self._last_grad_norm, "train/tokens_per_s": tokens_per_step / dt,
                            "train/step_time_s": dt, **self.attention.step_metrics()}
+                if self.env.device.type == "cuda":  # the allocator's own counter: no device sync
+                    metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
                 if self.step % self.cfg.logger.log_every == 0 or self.step == tc.steps:
                     self.tracker.log(metrics, self.step)
                     log.info("step %d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s", self.step, loss,

@@ -111,3 +111,14 @@ def test_engine_memory_dry_run_counts_real_shards():
     assert rows["ddp", 2]["ratio_to_formula"] == pytest.approx(1.0, rel=1e-4)  # + AdamW's step counters
     # fsdp2 rank 0 holds ceil(rows / N) of every tensor: within a fraction of a percent of 16 B x P / N.
     assert 1.0 <= rows["fsdp2", 4]["ratio_to_formula"] < 1.01 and rows["fsdp2", 4]["total"] < rows["fsdp2", 2]["total"]
+
+
+def test_gpu_check_dry_run_runs_every_part():
+    record = dry_run("gpu_check.py", timeout=400)
+    parts = record["parts"]
+    assert set(parts) == {"kernel_tests", "kernel_targets", "train_throughput", "max_context", "train_resume"}
+    assert "all parts ran" in record["stdout"]
+    assert {(r["kernel"], r["seq_len"]) for r in parts["train_throughput"]["rows"]} == {
+        ("triton", 128), ("torch", 128), ("torch", 512)}
+    assert all(r["tokens_per_s"] > 0 for r in parts["train_throughput"]["rows"])
+    assert parts["max_context"]["max_seq_len"] >= 512 and parts["train_resume"]["resumed"]
