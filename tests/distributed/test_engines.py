@@ -17,7 +17,9 @@ from tests.helpers.training import trainer
 STEPS = 3
 EXACT = ["trainer.dtype=float64", "trainer.grad_accum=2", "optim.grad_clip=0.05", f"trainer.steps={STEPS}"]
 CP = {"none": ["cp=none"], "striped ring": ["cp=striped", "cp.size=2"], "ulysses": ["cp=ulysses", "cp.size=2"],
-      "tree": ["cp=tree", "cp.size=2"]}
+      "tree": ["cp=tree", "cp.size=2"],
+      # attention servers on both ranks; fsdp2 needs the blocks whole (no ping-pong halves)
+      "disagg": ["cp=disagg", "disagg.ping_pong=false"]}
 
 
 def _run(overrides, run_dir, steps=STEPS):
@@ -87,7 +89,7 @@ def test_fsdp2_reproduces_ddp_and_the_single_process_trainer(results, case, tmp_
         assert r[case, "ddp"][:2] == (ddp_losses, ddp_norms)  # every rank reports the same global figures
     assert min(ddp_norms) > 0.05  # clipping was active
     # One process holding the whole global batch (dp) or the whole sequence (cp).
-    single = ["cp=none", "trainer.micro_batch_size=2"] if case == "none" else ["cp=none"]
+    single = ["cp=none", "trainer.micro_batch_size=2"] if case in ("none", "disagg") else ["cp=none"]
     t = trainer(["engine=ddp", *single, *EXACT], tmp_path, env=DistEnv(0, 1, 0, 1, torch.device("cpu"), None))
     losses = [t.train_step() for _ in range(STEPS)]
     assert ddp_losses == pytest.approx(losses, rel=1e-10, abs=1e-10)

@@ -220,3 +220,11 @@ def test_runs_checkpoint_and_resume_by_default():
     t = compose_train().trainer
     assert t.checkpoint_every == 500 and t.save_final and t.resume == "auto"
     assert list(t.stop_signals) == ["SIGTERM", "SIGUSR1"] and t.comm_timeout_s == 300
+
+
+def test_engine_choices_are_checked_before_any_process_group():
+    assert validate(compose_train(["engine=fsdp2", "cp=striped", "cp.size=2"]), 2) == 1
+    with pytest.raises(ValueError, match="disagg.ping_pong=false or use engine=ddp"):
+        validate(compose_train(["engine=fsdp2", "cp=disagg"]), 2)
+    with pytest.raises(ValueError, match="engine.mixed_precision"):
+        validate(compose_train(["engine=fsdp2", "engine.mixed_precision=fp8"]), 1)
