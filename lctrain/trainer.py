@@ -167,24 +167,20 @@ class Trainer:
         self._print(f"resumed run {self.run_id} from {point.path} at step {self.step}{changed}")
 
     def _warm_start(self, source: str) -> None:
-        """Model weights from another run's checkpoint (every rank reads them whole and verified)."""
-        def load() -> str:
-            try:
-                step_dir = find_step_dir(source)
-                load_model_weights(step_dir, self.model)
-                return str(step_dir)
-            except (Exception, CheckpointException) as err:  # DCP reports a shape mismatch in its own type
-                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-                reason = next((ln for ln in reversed(lines) if "mismatch" in ln), lines[0] if lines else repr(err))
-                return (f"error: trainer.init_from={source}: {reason} (the model config must match the "
-                        f"checkpoint's)" if "mismatch" in reason else f"error: trainer.init_from={source}: {reason}")
-
-        outcome = load()
-        failed = all_ranks_flag(outcome.startswith("error: "), self.env.device, self.model_group)
-        if failed:
-            raise ValueError(outcome[len("error: "):] if outcome.startswith("error: ") else
-                             f"trainer.init_from={source} failed to load on rank(s) {failed}")
-        self._print(f"initialised the model from {outcome} (optimizer and data start fresh)")
+        """Model weights from another run's checkpoint, verified, read collectively (each rank of a
+        sharding engine reads its shards); optimizer, schedule and data start fresh."""
+        step_dir = Path(broadcast_string(str(_or_error(find_step_dir, source)), self.env.device,
+                                         group=self.model_group))
+        if str(step_dir).startswith("error: "):
+            raise ValueError(f"trainer.init_from={source}: {str(step_dir)[len('error: '):]}")
+        try:
+            load_model_weights(step_dir, self.model, group=self.model_group, collective=dist.is_initialized())
+        except (Exception, CheckpointException) as err:  # DCP reports a shape mismatch in its own type
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            reason = next((ln for ln in reversed(lines) if "mismatch" in ln), lines[0] if lines else repr(err))
+            hint = " (the model config must match the checkpoint's)" if "mismatch" in reason else ""
+            raise ValueError(f"trainer.init_from={source}: {reason}{hint}") from None
+        self._print(f"initialised the model from {step_dir} (optimizer and data start fresh)")
 
     def _print(self, msg: str, level: int = logging.INFO) -> None:
         """Every rank's log file; the console of rank 0."""
@@ -409,3 +405,11 @@ def _final_line(s: Dict[str, Any], describe=None) -> str:
     if "eval/answer_acc" in s and describe is not None:
         line += f" | {describe(s['eval/answer_acc'])} | exact answers {100 * s['eval/answer_exact']:.1f}%"
     return line + f" | {s['final/steps_run']} steps in {s['final/wall_s']:.0f}s"
+
+
+def _or_error(fn, *args) -> str:
+    """``str(fn(*args))``, or ``"error: <message>"`` when it raises a ValueError."""
+    try:
+        return str(fn(*args))
+    except ValueError as err:
+        return f"error: {err}"

@@ -205,12 +205,13 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, world_
     return meta
 
 
-def load_model_weights(path: Path, model) -> dict:
-    """The model weights of a verified checkpoint into ``model``, in this process alone (every
-    rank reads the full weights); returns meta.json."""
+def load_model_weights(path: Path, model, group=None, collective: bool = False) -> dict:
+    """The model weights of a verified checkpoint into ``model``; returns meta.json. Alone (every
+    process reads the full weights), or ``collective`` over ``group``: each rank of a sharding
+    engine then reads only its shards."""
     meta = verify_checkpoint(path)
     state = {"model": model.state_dict()}
-    _dcp_load(state, path, no_dist=True)  # no_dist: every rank reads the full weights
+    _dcp_load(state, path, **({"process_group": group} if collective else {"no_dist": True}))
     model.load_state_dict(state["model"])
     return meta
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lctrain.data.curriculum import Curriculum, doc_arrays
-from lctrain.data.sample import IGNORE_INDEX, build_sample, check_index, check_seed, sample_rng
+from lctrain.data.curriculum import Curriculum, answers_only_sample
+from lctrain.data.sample import check_index, check_seed, sample_rng
 from lctrain.data.tokenizer import ByteTokenizer, Tokenizer
 
 
@@ -93,11 +93,7 @@ class LongCopyDataset:
             docs = [self._document(rng, n, d, min(d, n - d - 2))
                     for n, d in ((n, int(rng.integers(n // 4, default_distance(n) + 1))) for n in lengths)]
             tokens, is_copy = (np.concatenate(parts) for parts in zip(*docs))
-        doc_ids, positions = doc_arrays(lengths)
-        sample = build_sample(tokens, doc_ids, positions, is_copy)
-        # Only the copy is learnable: every other label would be noise on the gradient.
-        sample["labels"] = torch.where(sample["answer_mask"], sample["labels"], IGNORE_INDEX)
-        return sample
+        return answers_only_sample(tokens, is_copy, lengths)
 
     def _document(self, rng: np.random.Generator, length: int, distance: int, copy_len: int):
         """(tokens, is_copy) of one document: BOS, distance random tokens, their copy, filler, EOS."""

@@ -11,6 +11,9 @@ resuming is exact.
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from lctrain.data.sample import IGNORE_INDEX, build_sample
 
 
 class Curriculum:
@@ -42,3 +45,12 @@ def doc_arrays(lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
     doc_ids = np.repeat(np.arange(len(lengths)), lengths)
     starts = np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
     return doc_ids, np.arange(sum(lengths)) - starts
+
+
+def answers_only_sample(tokens: np.ndarray, answers: np.ndarray, lengths: list[int]) -> dict[str, torch.Tensor]:
+    """The sample of packed documents of ``lengths`` whose only labels are the ``answers`` tokens
+    (every other label would be noise on the gradient: nothing predicts it)."""
+    doc_ids, positions = doc_arrays(lengths)
+    sample = build_sample(tokens, doc_ids, positions, answers)
+    sample["labels"] = torch.where(sample["answer_mask"], sample["labels"], IGNORE_INDEX)
+    return sample

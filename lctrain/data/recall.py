@@ -29,8 +29,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lctrain.data.curriculum import Curriculum, doc_arrays
-from lctrain.data.sample import IGNORE_INDEX, build_sample, check_index, check_seed, sample_rng
+from lctrain.data.curriculum import Curriculum, answers_only_sample
+from lctrain.data.sample import check_index, check_seed, sample_rng
 from lctrain.data.tokenizer import ByteTokenizer, Tokenizer
 
 
@@ -83,11 +83,7 @@ class LongRecallDataset:
         rng = sample_rng(self.seed, index)
         lengths = self.curriculum.lengths(index)
         tokens, answers = (np.concatenate(parts) for parts in zip(*(self._document(rng, n) for n in lengths)))
-        doc_ids, positions = doc_arrays(lengths)
-        sample = build_sample(tokens, doc_ids, positions, answers)
-        # Only the answers are learnable: every other label would be noise on the gradient.
-        sample["labels"] = torch.where(sample["answer_mask"], sample["labels"], IGNORE_INDEX)
-        return sample
+        return answers_only_sample(tokens, answers, lengths)
 
     def _document(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, is_answer) of one document of n tokens."""

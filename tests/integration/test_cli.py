@@ -60,6 +60,11 @@ def test_torchrun_fsdp2_shards_the_model_state_and_reports_it(tmp_path):
     report = json.loads((tmp_path / "outputs" / "fsdp" / "state_bytes.json").read_text())
     params = [r["params"] for r in report["ranks"]]
     assert report["engine"] == "fsdp2" and len(params) == 2 and max(params) < 0.55 * sum(params)
+    # A warm start under the sharding engine: each rank reads its shards of the run's weights.
+    warm, _ = _run(["experiment=cpu_demo", *SMALL, "engine=fsdp2", f"trainer.init_from={tmp_path / 'outputs' / 'fsdp'}"],
+                   tmp_path, "fsdp-warm", torchrun_ranks=2)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "initialised the model from" in warm.stdout and "step_00000003" in warm.stdout
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
