@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 2
 # torch goes in first, pinned, so a CPU-only machine never resolves the
-# project's `torch>=2.6` to a CUDA build; an existing torch is kept.
+# project's `torch>=2.6` (or DeepSpeed's `torch`) to a CUDA build; an existing torch is kept.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
-# The main job: tiny Llama on built-in passkey retrieval, each sequence split over
+# The main job: tiny Llama on built-in long-range recall, each sequence split over
 # $(NPROC) >= 2 ranks with striped ring attention (gloo on CPU); rendezvous on 127.0.0.1 only.
 train: setup
 	$(PY) -m lctrain.launch --nproc-per-node=$(NPROC) -m lctrain.train experiment=cpu_demo \

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -116,6 +116,10 @@ class EngineConfig:
     reshard_after_forward: bool = True  # fsdp2: free gathered weights after a block's forward
     mixed_precision: str = "none"  # fsdp2: none | bf16 | fp16 compute weights (gradients reduced in fp32)
     cpu_offload: bool = False  # fsdp2: keep parameter, gradient and optimizer shards in host memory
+    zero_stage: int = 2  # deepspeed: 1 optimizer state | 2 + gradients | 3 + parameters sharded
+    offload_optimizer: bool = False  # deepspeed: optimizer state (and its step) in host memory
+    offload_params: bool = False  # deepspeed, zero_stage=3: parameter shards in host memory
+    ds_config: Dict[str, Any] = field(default_factory=dict)  # deepspeed: merged over the generated JSON
 
 
 @dataclass
@@ -182,6 +186,24 @@ def _one_of(value, allowed, key):
         raise ValueError(f"{key}={value!r} is not valid; use one of {list(allowed)}, e.g. {key}={allowed[0]}")
 
 
+def _check_deepspeed(cfg) -> None:
+    ec = cfg.engine
+    _one_of(ec.zero_stage, (1, 2, 3), "engine.zero_stage")
+    if cfg.cp.strategy == "disagg":
+        raise ValueError("engine=deepspeed shards over every rank of the job, but cp=disagg keeps ranks that hold "
+                         "no model (attention servers); use engine=ddp or engine=fsdp2 with cp=disagg")
+    if ec.offload_params and ec.zero_stage != 3:
+        raise ValueError(f"engine.offload_params=true needs engine.zero_stage=3 (got {ec.zero_stage}): only "
+                         f"ZeRO-3 shards the parameters it would offload")
+    if cfg.trainer.dtype == "float64":
+        raise ValueError("engine=deepspeed keeps fp32 master weights and optimizer state whatever the model's "
+                         "dtype, so trainer.dtype=float64 would not train in float64; set trainer.dtype=float32 "
+                         "or use engine=ddp / engine=fsdp2 for float64")
+    if ec.zero_stage == 3 and cfg.trainer.decode_eval != "none":
+        raise ValueError("trainer.decode_eval decodes with the whole model on every rank, which engine.zero_stage=3 "
+                         "never holds; set trainer.decode_eval=none or engine.zero_stage=1|2")
+
+
 def validate(cfg: TrainConfig, world_size: int) -> int:
     """Cross-field checks; returns the data-parallel degree. Option names come from where the
     options are implemented (the strategy registry, layouts, kernels, datasets, ...)."""
@@ -214,6 +236,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ValueError("cp=disagg with disagg.ping_pong=true interleaves the halves of each block inside the "
                          "model's forward, which engine=fsdp2's per-block weight gathering cannot follow; set "
                          "disagg.ping_pong=false or use engine=ddp")
+    if cfg.engine.name == "deepspeed":
+        _check_deepspeed(cfg)
     _one_of(cfg.logger.mode, LOGGER_MODES, "logger.mode")
     strategy = get_strategy(cfg.cp.strategy)
     if cfg.trainer.decode_eval != "none" and (cfg.data.name != "passkey" or not strategy.decodes):

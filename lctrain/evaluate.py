@@ -21,9 +21,12 @@ from lctrain.models.loss import chunked_cross_entropy
 class Evaluator:
     """``evaluate()`` of the trainer; built once from the pieces the trainer holds."""
 
-    def __init__(self, model, dataset, cfg, setup, device: torch.device, prepare: Callable, autocast: Callable):
+    def __init__(self, model, dataset, cfg, setup, device: torch.device, prepare: Callable, autocast: Callable,
+                 call: Callable | None = None):
         self.model, self.dataset, self.cfg, self.setup = model, dataset, cfg, setup
         self.device, self.prepare, self.autocast = device, prepare, autocast
+        # call(fn, *args) runs fn(forward, *args) as one forward of the engine (ZeRO-3 gathers inside)
+        self.call = call if call is not None else (lambda fn, *args: fn(self.model, *args))
         self.groups = setup.groups
         self.distributed = dist.is_initialized()
 
@@ -45,11 +48,9 @@ class Evaluator:
             batch = self.prepare(batch)
             self.setup.attention.begin_step()
             with self.autocast():
-                hidden = self.model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["token_pos"])
-                stats[0] += chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
-                                                  self.cfg.model.loss_chunk_tokens).double()
+                loss, per_row = self.call(self._loss_and_answers, batch)
+            stats[0] += loss.double()
             stats[1] += (batch["labels"] != IGNORE_INDEX).sum()
-            per_row = self._answers(hidden, batch)
             if groups.cp_group is not None:  # a sample's answers may sit on several cp ranks
                 self._all_reduce(per_row, groups.cp_group)
             has_answer = per_row[:, 0] > 0
@@ -66,6 +67,12 @@ class Evaluator:
         if tc.decode_eval != "none":
             out.update(self.decode(tc.decode_eval, tc.decode_eval_samples))
         return out
+
+    def _loss_and_answers(self, forward, batch):
+        hidden = forward(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["token_pos"])
+        loss = chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
+                                     self.cfg.model.loss_chunk_tokens)
+        return loss, self._answers(hidden, batch)
 
     def _answers(self, hidden: torch.Tensor, batch) -> torch.Tensor:
         """Per sample (answer tokens, right ones) on this rank: (b, 2) float64."""

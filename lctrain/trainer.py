@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -47,6 +48,9 @@ from lctrain.tracking import Tracker
 
 log = logging.getLogger("lctrain")
 STOPPED_MARKER = "stopped.json"  # in the run directory after a stop on request; the SLURM script requeues on it
+
+
+_NONFINITE_HINT = "Try a lower optim.lr, trainer.dtype=float32, or resume from the last checkpoint in {ckpt}"
 
 
 class NonFiniteError(RuntimeError):
@@ -122,15 +126,18 @@ class Trainer:
         # The engine holds the model state across the model group (replicated or sharded); the
         # optimizer is built on what it leaves on this rank.
         self.engine = build_engine(cfg, self.model, self.model_group, env.device, self.setup.num_model_ranks)
-        self._state_bytes = None  # what this rank holds, measured in the first step
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, tc.steps)
         self.loader = ShardedLoader(self.dataset, tc.micro_batch_size, self.dp_rank, self.dp_size, cfg.data.seed)
-        self.evaluate = Evaluator(self.model, self.dataset, cfg, self.setup, env.device, self._prepare,
-                                  self._autocast)
         self.step = 0
         self.tracker = Tracker(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
                                enabled=env.is_main)
-        self._maybe_resume()
+        point = self._start_point()
+        # An engine may take over the optimizer here (deepspeed: after a warm start filled the weights).
+        self.optimizer, self.scheduler = self.engine.attach(self.optimizer, self.scheduler)
+        self.evaluate = Evaluator(self.model, self.dataset, cfg, self.setup, env.device, self._prepare,
+                                  self._autocast, self.engine.call_eval)
+        if point.path is not None:
+            self._resume(point)
         self.stops = StopRequests(tc.stop_signals, tc.max_wall_s)
         self.heartbeat = Heartbeat(env.rank, env.world_size)
 
@@ -149,7 +156,9 @@ class Trainer:
         if error:
             raise ValueError(error)
 
-    def _maybe_resume(self) -> None:
+    def _start_point(self):
+        """The checkpoint to resume (loaded later by ``_resume``), or a fresh start: then the warm
+        start of ``trainer.init_from``, if any, fills the weights now."""
         point = find_resume_point(self.cfg, self.ckpt_dir, self.env.device, self.model_group)
         for warning in point.warnings:
             self._print(f"warning: {warning}", logging.WARNING)
@@ -157,9 +166,11 @@ class Trainer:
             if self.cfg.trainer.init_from:
                 self._warm_start(self.cfg.trainer.init_from)
             self._print(f"starting from step 0 (checkpoints go to {self.ckpt_dir})")
-            return
+        return point
+
+    def _resume(self, point) -> None:
         meta = load_checkpoint(point.path, self.model, self.optimizer, self.scheduler, self.setup.num_model_ranks,
-                               group=self.model_group, meta=point.meta)
+                               group=self.model_group, meta=point.meta, engine=self.engine)
         self.loader.load_state_dict(meta["data"])
         self.step, self.run_id = meta["step"], meta.get("run_id", self.run_id)
         self.tracker.rewind(self.step, str(point.path))
@@ -204,15 +215,19 @@ class Trainer:
     def loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of per-token cross-entropies of one micro batch (weighted answers)."""
         with self._autocast():
-            hidden = self.engine.module(batch["input_ids"], batch["position_ids"], batch["doc_ids"],
-                                        batch["token_pos"])
-            total = chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
-                                          self.cfg.model.loss_chunk_tokens)
-            extra = self.cfg.data.answer_loss_weight - 1.0
-            if extra and bool(batch["answer_mask"].any()):
-                logits = self.model.logits_at(hidden, batch["answer_mask"])
-                total = total + extra * torch.nn.functional.cross_entropy(
-                    logits, batch["labels"][batch["answer_mask"]], reduction="sum")
+            return self.engine.call(self._loss_sum, batch)
+
+    def _loss_sum(self, forward, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The forward and the loss on its hidden states (inside the engine's forward: ZeRO-3
+        gathers the output weight the loss reads)."""
+        hidden = forward(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch["token_pos"])
+        total = chunked_cross_entropy(hidden, self.model.output_weight, batch["labels"],
+                                      self.cfg.model.loss_chunk_tokens)
+        extra = self.cfg.data.answer_loss_weight - 1.0
+        if extra and bool(batch["answer_mask"].any()):
+            logits = self.model.logits_at(hidden, batch["answer_mask"])
+            total = total + extra * torch.nn.functional.cross_entropy(
+                logits, batch["labels"][batch["answer_mask"]], reduction="sum")
         return total
 
     def _global_token_count(self, batches) -> torch.Tensor:
@@ -232,16 +247,15 @@ class Trainer:
             with self.engine.accumulate(last=i == len(batches) - 1):  # the engine reduces on the last
                 loss = self.loss_sum(batch) / denom.to(torch.float32 if self.param_dtype != torch.float64
                                                        else torch.float64)
-                loss.backward()
+                self.engine.backward(loss)
             loss_total += loss.detach().to(torch.float64)
         if self.cfg.trainer.nan_check:
             self._check_finite(loss_total, self.engine.local_grads())
-        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        if self._state_bytes is None:  # the first step: gradients and optimizer state both exist now
-            self._state_bytes = self.engine.state_bytes(self.optimizer)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        grad_norm = self.engine.optimizer_step(self.optimizer, self.scheduler, self.cfg.optim.grad_clip)
+        if self.cfg.trainer.nan_check and self.engine.skips_nonfinite and not math.isfinite(grad_norm):
+            # deepspeed checks the gradients inside its step, and skipped this one on every rank
+            raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; the optimizer step was skipped "
+                                 f"on every rank. {_NONFINITE_HINT.format(ckpt=self.ckpt_dir)}")
         self.step += 1
         self._all_reduce(loss_total)
         self._last_grad_norm = float(grad_norm)
@@ -258,8 +272,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {self.step + 1} on rank(s) {bad}; stopped every rank "
-                f"before the optimizer step. Try a lower optim.lr, trainer.dtype=float32, or resume from "
-                f"the last checkpoint in {self.ckpt_dir}")
+                f"before the optimizer step. {_NONFINITE_HINT.format(ckpt=self.ckpt_dir)}")
 
     # ------------------------------------------------------------------- loop
     def _guarded_step(self) -> float:
@@ -354,7 +367,7 @@ class Trainer:
         """Bytes of parameters, gradients and optimizer state each model rank holds (its shards), in
         the log and in ``state_bytes.json`` of the run directory."""
         keys = ("params", "grads", "optimizer")
-        mine = self._state_bytes
+        mine = self.engine.measured
         n = self.setup.num_model_ranks
         table = torch.zeros(n, len(keys), dtype=torch.float64, device=self.env.device)
         rank = dist.get_rank(self.model_group) if dist.is_initialized() else 0
@@ -386,7 +399,8 @@ class Trainer:
                "config": OmegaConf.to_container(self.cfg, resolve=True)}
         path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
                                self.loader.state_dict(), self.setup.num_model_ranks,
-                               self.cfg.trainer.keep_checkpoints, group=self.model_group, run=run)
+                               self.cfg.trainer.keep_checkpoints, group=self.model_group, run=run,
+                               engine=self.engine)
         log.info(f"saved {path}")
         return path
 

@@ -65,9 +65,10 @@ def _tensor_state(model, optimizer, rank: int) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------ save
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model, optimizer, scheduler,
                     data_state: Dict[str, Any], world_size: int, keep: int = 2, group=None,
-                    run: Dict[str, Any] | None = None) -> Path:
+                    run: Dict[str, Any] | None = None, engine=None) -> Path:
     """Every rank of ``group`` calls this; ``world_size`` is that group's size. ``run``:
-    ``{"run_id", "identity", "config"}`` recorded in meta.json (see ``identity``)."""
+    ``{"run_id", "identity", "config"}`` recorded in meta.json (see ``identity``). ``engine``:
+    a deepspeed engine writes its own files, plus the consolidated weights in DCP form."""
     root = Path(ckpt_dir)
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
@@ -76,15 +77,23 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model, optimizer, sc
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
     _barrier(group)
+    deepspeed = _is_deepspeed(engine)
     with _quiet_single_process():
-        dcp.save(_tensor_state(model, optimizer, rank), checkpoint_id=str(partial), process_group=group)
+        if deepspeed:
+            weights = engine.save_files(partial, rank)  # every rank; the whole weights on rank 0
+            if rank == 0:
+                dcp.save({"model": weights}, checkpoint_id=str(partial), no_dist=True)
+        else:
+            dcp.save(_tensor_state(model, optimizer, rank), checkpoint_id=str(partial), process_group=group)
     _barrier(group)  # every rank's shards are on disk before rank 0 hashes them
     if rank == 0:
-        files = sorted(p.name for p in partial.iterdir() if p.is_file())
+        files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
             "world_size": world_size,
+            "engine": engine.name if engine is not None else "local",
+            **({"zero_stage": engine.stage} if deepspeed else {}),
             "scheduler": scheduler.state_dict(),
             "data": data_state,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
@@ -179,12 +188,17 @@ def choose_checkpoint(ckpt_dir: Path, device: torch.device, group=None) -> Check
 
 # ------------------------------------------------------------------------------------ load
 def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, world_size: int, group=None,
-                    meta: dict | None = None) -> Dict[str, Any]:
+                    meta: dict | None = None, engine=None) -> Dict[str, Any]:
     """Restore everything in place; returns meta (step, data state). Every rank of ``group``
     calls it. ``meta``: the already verified meta.json (else verified here)."""
     path = Path(path)
     meta = meta if meta is not None else verify_checkpoint(path)
     rank = _rank(group)
+    if _is_deepspeed(engine) or meta.get("engine") == "deepspeed":
+        _check_deepspeed_resume(path, meta, engine, world_size)  # on every rank alike, before any collective
+        engine.load_files(path, rank, same_world=True)
+        scheduler.load_state_dict(meta["scheduler"])
+        return meta
     state = _tensor_state(model, optimizer, rank)
     same_world = meta["world_size"] == world_size
     if not same_world:  # per-rank RNG streams only make sense for the same ranks
@@ -203,6 +217,27 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, world_
         if torch.cuda.is_available() and f"rank{rank}_cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"][f"rank{rank}_cuda"])
     return meta
+
+
+def _is_deepspeed(engine) -> bool:
+    return engine is not None and engine.name == "deepspeed"
+
+
+def _check_deepspeed_resume(path: Path, meta: dict, engine, world_size: int) -> None:
+    """A deepspeed checkpoint resumes only under deepspeed with the same ranks and ZeRO stage (its
+    partitions are laid out for them); everything else can warm start from its weights."""
+    warm = f"trainer.init_from={path} takes its model weights (optimizer and data start fresh)"
+    saved_by = meta.get("engine", "local")
+    if not _is_deepspeed(engine):
+        raise ValueError(f"checkpoint {path} was written by engine=deepspeed; resume it with engine=deepspeed "
+                         f"engine.zero_stage={meta.get('zero_stage')} on {meta['world_size']} ranks, or {warm}")
+    if saved_by != "deepspeed":
+        raise ValueError(f"checkpoint {path} was written by engine={saved_by} (DCP), which engine=deepspeed "
+                         f"cannot resume; resume it with engine=ddp or engine=fsdp2, or {warm}")
+    if meta["world_size"] != world_size or meta.get("zero_stage") != engine.stage:
+        raise ValueError(f"checkpoint {path} holds ZeRO-{meta.get('zero_stage')} partitions of {meta['world_size']} "
+                         f"ranks; this run has engine.zero_stage={engine.stage} on {world_size} ranks. Resume "
+                         f"with those, or {warm}")
 
 
 def load_model_weights(path: Path, model, group=None, collective: bool = False) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from lctrain.distributed import DistEnv
 from lctrain.distributed.spawn import run_ranks
-from tests.helpers.training import trainer
+from tests.helpers.training import run_with_norms, trainer
 
 STEPS = 3
 EXACT = ["trainer.dtype=float64", "trainer.grad_accum=2", "optim.grad_clip=0.05", f"trainer.steps={STEPS}"]
@@ -23,12 +23,7 @@ CP = {"none": ["cp=none"], "striped ring": ["cp=striped", "cp.size=2"], "ulysses
 
 
 def _run(overrides, run_dir, steps=STEPS):
-    t = trainer(overrides, run_dir)
-    losses, norms = [], []
-    for _ in range(steps):
-        losses.append(t.train_step())
-        norms.append(t._last_grad_norm)
-    return t, losses, norms
+    return run_with_norms(overrides, run_dir, steps)
 
 
 def _full_state(t) -> dict[str, torch.Tensor]:

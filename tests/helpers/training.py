@@ -26,3 +26,33 @@ def rank(overrides, run_dir, env=None):
 
 def run_steps(t: Trainer, n: int) -> list[float]:
     return [t.train_step() for _ in range(n)]
+
+
+def run_with_norms(overrides, run_dir, steps: int):
+    """(trainer, losses, gradient norms) after ``steps`` steps of a fresh trainer."""
+    t = trainer(overrides, run_dir)
+    losses, norms = [], []
+    for _ in range(steps):
+        losses.append(t.train_step())
+        norms.append(t._last_grad_norm)
+    return t, losses, norms
+
+
+def poisoned_step(t: Trainer, rank: int) -> tuple[str, bool]:
+    """One step after rank 1 poisoned an embedding row (BOS starts every sample): the NaN guard's
+    message ("no error" if none) and whether any finite parameter changed."""
+    import torch
+
+    from lctrain.trainer import NonFiniteError
+
+    if rank == 1:
+        with torch.no_grad():
+            t.model.embed.weight[256].fill_(float("nan"))
+    before = [p.detach().clone() for p in t.model.parameters()]
+    try:
+        t.train_step()
+        message = "no error"
+    except NonFiniteError as err:
+        message = str(err)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()) if not a.isnan().any())
+    return message, changed

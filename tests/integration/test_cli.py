@@ -15,8 +15,9 @@ SMALL = ["data.seq_len=512", "trainer.steps=3", "trainer.eval_samples=2", "train
          "model.num_layers=2"]
 
 
-def _run(args, cwd, run_id, torchrun_ranks=0, timeout=300):
-    env = {**os.environ, "LCTRAIN_RUN_ID": run_id, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+def _run(args, cwd, run_id, torchrun_ranks=0, timeout=300, extra_env=None):
+    env = {**os.environ, "LCTRAIN_RUN_ID": run_id, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+           **(extra_env or {})}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     if torchrun_ranks:
@@ -65,6 +66,27 @@ def test_torchrun_fsdp2_shards_the_model_state_and_reports_it(tmp_path):
                    tmp_path, "fsdp-warm", torchrun_ranks=2)
     assert warm.returncode == 0, warm.stderr[-3000:]
     assert "initialised the model from" in warm.stdout and "step_00000003" in warm.stdout
+
+
+def test_torchrun_deepspeed_zero3_starts_fast_without_building_extensions_and_resumes(tmp_path):
+    if not os.environ.get("CI"):
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")  # CI requires it
+    extensions = tmp_path / "torch_extensions"  # where DeepSpeed's JIT builds would land
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions)}
+    args = ["experiment=cpu_demo", *SMALL, "engine=deepspeed", "engine.zero_stage=3", "trainer.checkpoint_every=3"]
+    proc, wall = _run(args, tmp_path, "ds", torchrun_ranks=2, extra_env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine deepspeed: model state per rank" in proc.stdout
+    assert not extensions.exists() or not any(extensions.iterdir()), "a C++ extension was built at start"
+    assert wall < 60, f"a 3-step tiny deepspeed run took {wall:.0f}s"
+    run_dir = tmp_path / "outputs" / "ds"
+    report = json.loads((run_dir / "state_bytes.json").read_text())
+    assert report["engine"] == "deepspeed" and len(report["ranks"]) == 2
+    assert (run_dir / "checkpoints" / "step_00000003" / "deepspeed").is_dir()
+    again, _ = _run([*args, "trainer.steps=4", "trainer.resume_allow_changes=[trainer.steps]"], tmp_path, "ds",
+                    torchrun_ranks=2, extra_env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed run ds from" in again.stdout and "1 steps in" in again.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])

@@ -14,7 +14,7 @@ import torch
 from lctrain.checkpoint import latest_checkpoint
 from lctrain.distributed import DistEnv
 from lctrain.distributed.spawn import run_ranks
-from lctrain.trainer import NonFiniteError
+from tests.helpers.training import poisoned_step
 from tests.helpers.training import run_steps as _run_steps
 from tests.helpers.training import trainer as _trainer
 
@@ -48,17 +48,7 @@ def _workers(rank, world, tmp):
 
     # 4. NaN guard: a poisoned embedding row on rank 1 stops both ranks before the step.
     t = _trainer(["trainer.steps=2"], f"{tmp}/nan")
-    if rank == 1:
-        with torch.no_grad():
-            t.model.embed.weight[256].fill_(float("nan"))  # BOS starts every sample
-    before = [p.detach().clone() for p in t.model.parameters()]
-    try:
-        t.train_step()
-        out["nan"] = "no error"
-    except NonFiniteError as err:
-        out["nan"] = str(err)
-    changed = [not torch.equal(a, b) for a, b in zip(before, t.model.parameters()) if not a.isnan().any()]
-    out["nan_params_changed"] = any(changed)
+    out["nan"], out["nan_params_changed"] = poisoned_step(t, rank)
     t.close()
     return out
 

@@ -111,6 +111,10 @@ def test_engine_memory_dry_run_counts_real_shards():
     assert rows["ddp", 2]["ratio_to_formula"] == pytest.approx(1.0, rel=1e-4)  # + AdamW's step counters
     # fsdp2 rank 0 holds ceil(rows / N) of every tensor: within a fraction of a percent of 16 B x P / N.
     assert 1.0 <= rows["fsdp2", 4]["ratio_to_formula"] < 1.01 and rows["fsdp2", 4]["total"] < rows["fsdp2", 2]["total"]
+    # DeepSpeed's rule: fp32 ZeRO-3 keeps an fp32 master copy too (x1.25); with bf16 weights, 16 B x P / N.
+    assert rows["zero3", 4]["ratio_to_formula"] == pytest.approx(1.25, rel=1e-3)
+    assert rows["zero3-bf16", 4]["ratio_to_formula"] == pytest.approx(1.0, rel=1e-3)
+    assert rows["zero1", 4]["total"] > rows["zero2", 4]["total"] > rows["zero3", 4]["total"]
 
 
 def test_gpu_check_dry_run_runs_every_part():

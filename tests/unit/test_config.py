@@ -228,3 +228,30 @@ def test_engine_choices_are_checked_before_any_process_group():
         validate(compose_train(["engine=fsdp2", "cp=disagg"]), 2)
     with pytest.raises(ValueError, match="engine.mixed_precision"):
         validate(compose_train(["engine=fsdp2", "engine.mixed_precision=fp8"]), 1)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["engine.zero_stage=4"], "engine.zero_stage"),
+    (["cp=disagg"], "cp=disagg keeps ranks that hold no model"),
+    (["engine.zero_stage=2", "engine.offload_params=true"], "needs engine.zero_stage=3"),
+    (["trainer.dtype=float64"], "trainer.dtype=float32"),
+    (["engine.zero_stage=3", "data=passkey", "cp=ring", "cp.size=2", "trainer.decode_eval=ring"],
+     "trainer.decode_eval=none or engine.zero_stage=1|2"),
+])
+def test_deepspeed_choices_are_checked_before_any_process_group(overrides, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        validate(compose_train(["engine=deepspeed", *overrides]), 2)
+
+
+def test_deepspeed_config_is_generated_from_lctrain_fields_and_merged_with_ds_config():
+    from lctrain.engines.deepspeed import ds_config
+
+    cfg = compose_train(["engine=deepspeed", "engine.zero_stage=3", "engine.offload_optimizer=true",
+                         "engine.mixed_precision=bf16", "trainer.grad_accum=4", "optim.grad_clip=0.5",
+                         "+engine.ds_config.zero_optimization.overlap_comm=true"])
+    assert validate(cfg, 4) == 4  # dp 4 x cp 1
+    out = ds_config(cfg, 4)
+    assert out["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                        "overlap_comm": True}
+    assert out["gradient_accumulation_steps"] == 4 and out["gradient_clipping"] == 0.5
+    assert out["bf16"] == {"enabled": True} and out["train_batch_size"] == 4 * 4 * cfg.trainer.micro_batch_size
