@@ -19,6 +19,21 @@ from omegaconf import OmegaConf
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling for context extension (lctrain.models.rope): none | linear | dynamic | yarn | llama3."""
+
+    type: str = "none"
+    factor: float = 1.0
+    original_max_len: int = 0  # the pretraining context (yarn, llama3, dynamic)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn: cos / sin scale; 0: 0.1 ln(factor) + 1
+    truncate: bool = True  # yarn
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = 259
@@ -35,6 +50,10 @@ class ModelConfig:
     # Tokens per cross-entropy chunk: the loss never holds (seq, vocab) logits.
     loss_chunk_tokens: int = 4096
     window: int = 0  # sliding-window attention over this many tokens (every strategy and kernel); 0: none
+    qkv_bias: bool = False  # biases on the q / k / v projections (Qwen2)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # model=hf: a Hugging Face model directory (config.json + safetensors); its shape replaces the fields above
+    path: Optional[str] = None
 
 
 @dataclass
@@ -217,6 +236,7 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     from lctrain.decode.combine import COMBINES
     from lctrain.engines import ENGINES
     from lctrain.engines.fsdp2 import PARAM_DTYPES
+    from lctrain.models.rope import RopeScaling
     from lctrain.tracking import LOGGER_MODES, LOGGER_NAMES
 
     check_known_keys(cfg)
@@ -230,6 +250,7 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     _one_of(cfg.data.name, tuple(DATASETS), "data.name")
     _one_of(cfg.data.tokenizer, TOKENIZER_NAMES, "data.tokenizer")
     _one_of(cfg.logger.name, LOGGER_NAMES, "logger")
+    RopeScaling(**OmegaConf.to_container(OmegaConf.create(cfg.model.rope_scaling))).check()
     _one_of(cfg.engine.name, tuple(ENGINES), "engine.name")
     _one_of(cfg.engine.mixed_precision, tuple(PARAM_DTYPES), "engine.mixed_precision")
     if cfg.engine.name == "fsdp2" and cfg.cp.strategy == "disagg" and cfg.disagg.ping_pong:
@@ -257,7 +278,9 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     if m.window < 0:
         raise ValueError(f"model.window must be >= 0 tokens (0: no sliding window), got {m.window}")
     dp = strategy.validate(cfg, world_size)
-    for key in ("steps", "micro_batch_size", "grad_accum", "eval_samples", "keep_checkpoints"):
+    if cfg.trainer.steps < 0:
+        raise ValueError(f"trainer.steps must be >= 0 (0: evaluate only), got {cfg.trainer.steps}")
+    for key in ("micro_batch_size", "grad_accum", "eval_samples", "keep_checkpoints"):
         if getattr(cfg.trainer, key) < 1:
             raise ValueError(f"trainer.{key} must be >= 1, got {getattr(cfg.trainer, key)}")
     if cfg.data.seq_len < 2:

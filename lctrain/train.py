@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lctrain.config import register_configs, validate
+from lctrain.interop.hf import apply_hf_config
 
 register_configs()
 
@@ -26,6 +27,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     rank, finished = None, False
     try:
         # Every config mistake surfaces here, before any process group or collective exists.
+        apply_hf_config(cfg)  # model=hf: the shape comes from the directory's config.json
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         env = init_distributed(cfg.trainer.device, timeout_s=cfg.trainer.first_step_timeout_s)
         rank = build_rank(cfg, env, HydraConfig.get().runtime.output_dir)

@@ -41,6 +41,7 @@ from lctrain.distributed import DistEnv, all_ranks_flag, broadcast_string
 from lctrain.distributed.watchdog import Heartbeat, is_timeout, set_timeout
 from lctrain.engines import build_engine
 from lctrain.evaluate import Evaluator
+from lctrain.interop.hf import apply_hf_config, load_hf_weights
 from lctrain.models.loss import chunked_cross_entropy
 from lctrain.optim import build_optimizer
 from lctrain.preemption import StopRequests
@@ -63,6 +64,7 @@ class StalledRankError(RuntimeError):
 
 def build_rank(cfg, env: DistEnv, run_dir) -> Trainer | AttentionServerRank:
     """What this rank runs: the trainer, or the attention-server loop of its strategy."""
+    apply_hf_config(cfg)
     validate(cfg, env.world_size)
     setup = setup_attention(cfg, env)
     if setup.serve is not None:
@@ -101,6 +103,7 @@ class Trainer:
 
     def __init__(self, cfg, env: DistEnv, run_dir: Path, setup: AttentionSetup | None = None):
         self.cfg, self.env = cfg, env
+        apply_hf_config(cfg)
         validate(cfg, env.world_size)
         self.setup = setup if setup is not None else setup_attention(cfg, env)
         if self.setup.serve is not None:
@@ -121,7 +124,9 @@ class Trainer:
         self.pad_id = tokenizer.pad_id
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, self.attention,
-                                 getattr(self.dataset, "vocab_size_needed", tokenizer.vocab_size))
+                                 getattr(self.dataset, "vocab_size_needed", tokenizer.vocab_size), cfg.data.seq_len)
+        if cfg.model.name == "hf":  # pretrained weights, on every rank (a resume or warm start replaces them)
+            load_hf_weights(cfg.model.path, self.model)
         self.model = self.model.to(self.param_dtype).to(env.device)
         # The engine holds the model state across the model group (replicated or sharded); the
         # optimizer is built on what it leaves on this rank.

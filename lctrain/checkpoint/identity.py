@@ -17,8 +17,8 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 SHAPE_FIELDS = tuple(f"model.{k}" for k in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads",
-                                              "ffn_dim", "tie_embeddings"))
-MODEL_FIELDS = tuple(f"model.{k}" for k in ("rope_theta", "norm_eps", "init_std", "window"))
+                                              "ffn_dim", "tie_embeddings", "qkv_bias"))
+MODEL_FIELDS = tuple(f"model.{k}" for k in ("rope_theta", "rope_scaling", "norm_eps", "init_std", "window"))
 SCHEDULE_FIELDS = ("trainer.steps", "trainer.seed", "trainer.micro_batch_size", "trainer.grad_accum",
                    "optim.lr", "optim.min_lr_ratio", "optim.weight_decay", "optim.betas", "optim.eps",
                    "optim.warmup_steps", "optim.grad_clip")
@@ -41,7 +41,8 @@ def _get(container: dict, dotted: str):
 
 def check_compatible(saved: dict, current: dict, allowed, path) -> list[str]:
     """ValueError listing the differences a resume may not carry; returns the allowed ones."""
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    # A field the checkpoint predates is not compared (it was written before lctrain had it).
+    differ = sorted(k for k in set(saved) if saved.get(k) != current.get(k))
     shape = [k for k in differ if k in SHAPE_FIELDS]
     if shape:
         raise ValueError(

@@ -75,7 +75,7 @@ def load_model(step_dir: Path, cfg, dtype: torch.dtype):
     from lctrain.build import build_model
     from lctrain.checkpoint import load_model_weights
 
-    model = build_model(cfg.model, build_attention("none"))
+    model = build_model(cfg.model, build_attention("none"), context_len=cfg.data.seq_len)
     load_model_weights(step_dir, model)
     return model.to(dtype).eval()
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lctrain.models.rope import RopeScaling, rope_cos_sin, rope_frequencies
 from lctrain_kernels.mask import Coords, Mask
 
 # (q, k, v, coords, mask) -> out, tensors in (batch, seq, heads, head_dim)
@@ -40,6 +41,9 @@ class LlamaShape:
     tie_embeddings: bool = True
     init_std: float = 0.02
     window: int | None = None  # sliding-window attention over this many tokens; None: full causal
+    rope_scaling: RopeScaling | None = None  # context extension (lctrain.models.rope); None: plain RoPE
+    rope_context_len: int = 0  # the context the model runs at (rope_scaling.type=dynamic)
+    qkv_bias: bool = False  # biases on the q / k / v projections (Qwen2)
 
     @property
     def head_dim(self) -> int:
@@ -64,21 +68,6 @@ class RMSNorm(nn.Module):
         return xf.to(x.dtype) * self.weight
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin of shape (batch, seq, 1, head_dim) for explicit per-token positions.
-
-    Positions are in-document positions supplied by the data pipeline, so a packed
-    document or a sequence shard sees the same rotation as a lone document would.
-    """
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, device=position_ids.device, dtype=compute) / head_dim
-    )
-    angles = position_ids.to(compute)[..., None] * inv_freq  # (b, s, d/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # "rotate half" convention (same as Hugging Face Llama weights).
     x1, x2 = x.chunk(2, dim=-1)
@@ -92,9 +81,9 @@ class Attention(nn.Module):
         self.num_heads = shape.num_heads
         self.num_kv_heads = shape.num_kv_heads
         self.head_dim = shape.head_dim
-        self.wq = nn.Linear(shape.dim, shape.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(shape.dim, shape.num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(shape.dim, shape.num_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(shape.dim, shape.num_heads * self.head_dim, bias=shape.qkv_bias)
+        self.wk = nn.Linear(shape.dim, shape.num_kv_heads * self.head_dim, bias=shape.qkv_bias)
+        self.wv = nn.Linear(shape.dim, shape.num_kv_heads * self.head_dim, bias=shape.qkv_bias)
         self.wo = nn.Linear(shape.num_heads * self.head_dim, shape.dim, bias=False)
         self.core = core
 
@@ -152,6 +141,9 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(shape, core_attention) for _ in range(shape.num_layers))
         self.norm = RMSNorm(shape.dim, shape.norm_eps)
         self.lm_head = None if shape.tie_embeddings else nn.Linear(shape.dim, shape.vocab_size, bias=False)
+        # float64, a plain attribute: a buffer would be cast with the weights' dtype
+        self.inv_freq, self.rope_scale = rope_frequencies(shape.head_dim, shape.rope_theta, shape.rope_scaling,
+                                                          shape.rope_context_len)
         self.reset_parameters()
 
     @property
@@ -188,7 +180,9 @@ class Llama(nn.Module):
         # variance stays O(1) at init (GPT-2 / Llama practice).
         out_std = std / (2 * self.shape.num_layers) ** 0.5
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                p.zero_()
+            elif p.dim() == 1:
                 p.fill_(1.0)
             elif name.endswith(("wo.weight", "w_down.weight")):
                 p.normal_(0.0, out_std)
@@ -209,13 +203,17 @@ class Llama(nn.Module):
             if halves is not None:
                 return self.interleaved_forward(input_ids, position_ids, doc_ids, token_pos, halves)
         x = self.embed(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.shape.head_dim, self.shape.rope_theta, x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype)
         for block in self.layers:
             if self._checkpointing():
                 x = checkpoint(block, x, cos, sin, token_pos, doc_ids, use_reentrant=False)
             else:
                 x = block(x, cos, sin, token_pos, doc_ids)
         return self.norm(x)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos / sin for in-document ``position_ids`` (training, evaluation and decoding alike)."""
+        return rope_cos_sin(position_ids, self.inv_freq, dtype, self.rope_scale)
 
     def _checkpointing(self) -> bool:
         return self.activation_checkpointing and self.training
@@ -236,7 +234,7 @@ class Llama(nn.Module):
             return list(t.split([cut, t.shape[dim] - cut], dim=dim))
 
         x = self.embed(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.shape.head_dim, self.shape.rope_theta, x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype)
         xs, coss, sins = split(x), split(cos), split(sin)
         coords = [Coords(p, d) for p, d in zip(split(token_pos), split(doc_ids))]
         pending, qkv = [None, None], [None, None]

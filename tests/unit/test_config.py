@@ -1,7 +1,10 @@
 """Hydra configs: every group option composes onto the typed schema, bad overrides fail, validate, run ids."""
 
 import importlib.resources
+import json
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -9,11 +12,20 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from lctrain.config import TrainConfig, register_configs, run_id, validate
+from lctrain.interop.hf import apply_hf_config
 
 GROUPS = ("model", "data", "cp", "kernel", "optim", "logger", "experiment")
 RUN_ENV = ("LCTRAIN_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
 # Options a plain `group=option` cannot satisfy alone, and the override that completes them.
-NEEDS = {("data", "text"): ["data.path=/tmp/corpus.txt"]}
+# A Hugging Face model directory needs only its config.json to compose and validate.
+HF_DIR = tempfile.mkdtemp(prefix="lctrain-hf-config-")
+Path(HF_DIR, "config.json").write_text(json.dumps({
+    "model_type": "llama", "vocab_size": 300, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 128, "rope_theta": 500000.0}))
+NEEDS = {("data", "text"): ["data.path=/tmp/corpus.txt"], ("model", "hf"): [f"model.path={HF_DIR}"],
+         **{("experiment", e): [f"model.path={HF_DIR}", "data.path=/tmp/corpus.txt"]
+            for e in ("extend_llama32_1b_128k", "extend_llama3_8b_1m")},
+         ("experiment", "extend_cpu_tiny"): [f"model.path={HF_DIR}"]}
 
 
 def conf_root():
@@ -72,12 +84,16 @@ def test_every_option_composes_and_validates(group, option):
     values = load_yaml(group, option)
     for override in extra:  # keys set on the command line are not the yaml's to check
         key = override.split("=")[0]
+        if group == "experiment":
+            values[key.split(".")[0]].pop(key.split(".", 1)[1], None)
+            continue
         assert key.startswith(f"{group}.")
         values.pop(key[len(group) + 1:])
     if group == "experiment":  # @package _global_
         assert_subset(values, cfg, "")
     else:
         assert_subset(values, cfg[group], group)
+    apply_hf_config(cfg)  # model=hf: the shape from config.json, as train.py does before validating
     cp = cfg.cp.size  # a world of cp ranks is one dp replica, twice that is two
     assert validate(cfg, cp) == 1
     assert validate(cfg, 2 * cp) == 2
@@ -165,7 +181,9 @@ def test_unknown_group_option_fails():
     (["model.num_kv_heads=3"], 1, "num_kv_heads"),
     (["model.dim=130"], 1, "model.dim"),
     (["model.dim=12", "model.num_heads=4", "model.num_kv_heads=2"], 1, "even head_dim"),
-    (["trainer.steps=0"], 1, "trainer.steps"),
+    (["trainer.steps=-1"], 1, "trainer.steps"),
+    (["model.rope_scaling.type=ntk"], 1, "model.rope_scaling.type="),
+    (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=4"], 1, "original_max_len"),
     (["data.seq_len=1"], 1, "data.seq_len"),
     (["data.tokenizer=hf"], 1, "data.tokenizer_path="),
     (["optim.betas=[0.9]"], 1, "optim.betas"),

@@ -7,10 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from lctrain.attention import build_attention, reference_attention
-from lctrain.models.llama import Llama, LlamaShape, RMSNorm, apply_rope, rope_cos_sin
+from lctrain.models.llama import Llama, LlamaShape, RMSNorm, apply_rope
 from lctrain.models.loss import chunked_cross_entropy
+from lctrain.models.rope import rope_cos_sin as scaled_cos_sin
+from lctrain.models.rope import rope_frequencies
 
 F64 = torch.float64
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """Plain RoPE's cos / sin (no scaling)."""
+    return scaled_cos_sin(position_ids, rope_frequencies(head_dim, theta)[0], dtype)
 
 
 def small_shape(**overrides):
