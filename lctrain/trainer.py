@@ -125,12 +125,12 @@ class Trainer:
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model, self.attention,
                                  getattr(self.dataset, "vocab_size_needed", tokenizer.vocab_size), cfg.data.seq_len)
-        if cfg.model.name == "hf":  # pretrained weights, on every rank (a resume or warm start replaces them)
-            load_hf_weights(cfg.model.path, self.model)
         self.model = self.model.to(self.param_dtype).to(env.device)
         # The engine holds the model state across the model group (replicated or sharded); the
         # optimizer is built on what it leaves on this rank.
         self.engine = build_engine(cfg, self.model, self.model_group, env.device, self.setup.num_model_ranks)
+        if cfg.model.name == "hf":  # pretrained weights (each fsdp2 rank reads its rows); a resume or warm start
+            load_hf_weights(cfg.model.path, self.model)  # replaces them. deepspeed partitions them at attach.
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, tc.steps)
         self.loader = ShardedLoader(self.dataset, tc.micro_batch_size, self.dp_rank, self.dp_size, cfg.data.seed)
         self.step = 0

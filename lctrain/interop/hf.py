@@ -162,45 +162,66 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the model directory's safetensors (no pickle involved); a truncated or
-    damaged file is a ValueError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def open_hf_tensors(path: str | Path, stack) -> dict:
+    """name -> an open safetensors handle holding it, for every file of the directory; every
+    file is opened (and so checked whole: a truncated or damaged one is a ValueError naming it)
+    before anything is read. No pickle is involved."""
+    from safetensors import SafetensorError, safe_open
 
-    out = {}
+    handles = {}
     for file in _weight_files(Path(path)):
         try:
-            out.update(load_file(str(file)))
+            handle = stack.enter_context(safe_open(str(file), framework="pt"))
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{file} cannot be read ({err}): a truncated or damaged file; nothing was loaded") from None
-    return out
+        handles.update({name: handle for name in handle.keys()})
+    return handles
+
+
+def _local_rows(p: torch.Tensor) -> slice | None:
+    """The rows of dim 0 a sharded (DTensor) parameter keeps on this rank; None: the whole tensor."""
+    if not hasattr(p, "to_local"):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if any(o for o in offset[1:]) or tuple(shape[1:]) != tuple(p.shape[1:]):
+        raise ValueError(f"a parameter sharded along dim > 0 ({p.placements}) cannot be read by rows")
+    return slice(offset[0], offset[0] + shape[0])
 
 
 def load_hf_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """The directory's weights into ``model`` (cast to its dtype), all checked before any is copied."""
-    tensors = read_hf_tensors(path)
-    params = dict(model.named_parameters())
-    plan, problems = {}, []
-    for name, p in params.items():
-        source = hf_name(name)
-        if source not in tensors:
-            problems.append(f"{source} is missing")
-        elif tuple(tensors[source].shape) != tuple(p.shape):
-            problems.append(f"{source} has shape {tuple(tensors[source].shape)}, the model {tuple(p.shape)}")
-        else:
-            plan[name] = tensors[source]
-    used = {hf_name(n) for n in params} | ({"lm_head.weight"} if "lm_head.weight" not in params else set())
-    extra = sorted(k for k in tensors if k not in used and not k.endswith("rotary_emb.inv_freq"))
-    if extra:
-        problems.append(f"tensors the model has no place for: {', '.join(extra[:5])}"
-                        + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
-    if problems:
-        raise ValueError(f"model.path={path} does not match config.json's model: " + "; ".join(problems)
-                         + "; nothing was loaded")
-    with torch.no_grad():
-        for name, tensor in plan.items():
-            params[name].copy_(tensor.to(params[name].dtype))
+    """The directory's weights into ``model`` (cast to its dtype), every name and shape checked
+    before any is copied. A sharded model (fsdp2's DTensor parameters) reads only the rows each
+    rank keeps."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        handles = open_hf_tensors(path, stack)
+        params = dict(model.named_parameters())
+        problems = []
+        for name, p in params.items():
+            source = hf_name(name)
+            if source not in handles:
+                problems.append(f"{source} is missing")
+                continue
+            shape = tuple(handles[source].get_slice(source).get_shape())
+            if shape != tuple(p.shape):
+                problems.append(f"{source} has shape {shape}, the model {tuple(p.shape)}")
+        used = {hf_name(n) for n in params} | ({"lm_head.weight"} if "lm_head.weight" not in params else set())
+        extra = sorted(k for k in handles if k not in used and not k.endswith("rotary_emb.inv_freq"))
+        if extra:
+            problems.append(f"tensors the model has no place for: {', '.join(extra[:5])}"
+                            + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
+        if problems:
+            raise ValueError(f"model.path={path} does not match config.json's model: " + "; ".join(problems)
+                             + "; nothing was loaded")
+        with torch.no_grad():
+            for name, p in params.items():
+                source, rows = hf_name(name), _local_rows(p)
+                tensor = handles[source].get_tensor(source) if rows is None else handles[source].get_slice(source)[rows]
+                target = p.to_local() if rows is not None else p
+                target.copy_(tensor.to(target.dtype))
 
 
 # ------------------------------------------------------------------------------------ export

@@ -97,13 +97,13 @@ def test_packed_documents_equal_transformers_document_by_document(tmp_path):
     assert rel_err(logits(ours, packed, positions, doc_ids), ref) < RTOL
 
 
-def _sharded_logits(rank, world, directory, strategy):
+def _sharded_logits(rank, world, directory, strategy, engine):
     """One eval batch through the trainer (the user's path: model=hf, its weights, a cp strategy):
     this rank's logits and the global token positions it holds."""
     from tests.helpers.training import trainer
 
     t = trainer(["model=hf", f"model.path={directory}", f"cp={strategy}", "cp.size=2", "data.seq_len=128",
-                 "trainer.dtype=float32"], f"{directory}/run-{strategy}")
+                 "trainer.dtype=float32", f"engine={engine}"], f"{directory}/run-{strategy}")
     sample = t.dataset.sample(0)
     batch = t._prepare({k: v[None] for k, v in sample.items()})
     t.model.eval()
@@ -114,10 +114,11 @@ def _sharded_logits(rank, world, directory, strategy):
     return sample["input_ids"].tolist(), batch["token_pos"][0].tolist(), out[0].tolist()  # plain data crosses
 
 
-@pytest.mark.parametrize("strategy", ["striped", "ulysses"])
-def test_imported_model_under_context_parallelism_equals_transformers(tmp_path, strategy):
+# fsdp2: each rank reads only the rows of every tensor it keeps
+@pytest.mark.parametrize("strategy,engine", [("striped", "fsdp2"), ("ulysses", "ddp")])
+def test_imported_model_under_context_parallelism_equals_transformers(tmp_path, strategy, engine):
     hf = save_random_model(tmp_path, "llama-rope-llama3")
-    results = run_ranks(_sharded_logits, 2, str(tmp_path), strategy, timeout=300)
+    results = run_ranks(_sharded_logits, 2, str(tmp_path), strategy, engine, timeout=300)
     ids = torch.tensor(results[0][0])
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
