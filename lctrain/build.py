@@ -29,7 +29,7 @@ def model_shape(model, context_len: int = 0) -> LlamaShape:
                       rope_theta=model.rope_theta, norm_eps=model.norm_eps, tie_embeddings=model.tie_embeddings,
                       init_std=model.init_std, window=model.window or None, qkv_bias=model.qkv_bias,
                       rope_scaling=scaling if scaling is not None and scaling.type != "none" else None,
-                      rope_context_len=context_len)
+                      rope_context_len=context_len, mlp_tile_tokens=model.mlp_tile_tokens)
 
 
 def build_model(model, attention: CoreAttention, vocab_size_needed: int = 0, context_len: int = 0) -> Llama:

@@ -51,6 +51,7 @@ class ModelConfig:
     loss_chunk_tokens: int = 4096
     window: int = 0  # sliding-window attention over this many tokens (every strategy and kernel); 0: none
     qkv_bias: bool = False  # biases on the q / k / v projections (Qwen2)
+    mlp_tile_tokens: int = 0  # > 0: the MLP over tiles of this many tokens (recomputed): peak intermediate one tile
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     # model=hf: a Hugging Face model directory (config.json + safetensors); its shape replaces the fields above
     path: Optional[str] = None
@@ -275,6 +276,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
             f"model.dim ({m.dim}) / model.num_heads ({m.num_heads}) must be an even head_dim and "
             f"num_heads must divide by model.num_kv_heads ({m.num_kv_heads})"
         )
+    if m.mlp_tile_tokens < 0:
+        raise ValueError(f"model.mlp_tile_tokens must be >= 0 (0: no tiling), got {m.mlp_tile_tokens}")
     if m.window < 0:
         raise ValueError(f"model.window must be >= 0 tokens (0: no sliding window), got {m.window}")
     dp = strategy.validate(cfg, world_size)

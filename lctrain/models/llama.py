@@ -44,6 +44,7 @@ class LlamaShape:
     rope_scaling: RopeScaling | None = None  # context extension (lctrain.models.rope); None: plain RoPE
     rope_context_len: int = 0  # the context the model runs at (rope_scaling.type=dynamic)
     qkv_bias: bool = False  # biases on the q / k / v projections (Qwen2)
+    mlp_tile_tokens: int = 0  # > 0: the MLP runs over tiles of this many tokens, recomputed in backward
 
     @property
     def head_dim(self) -> int:
@@ -101,14 +102,30 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, ffn_dim: int):
+    """``down(silu(gate(x)) * up(x))``. With ``tile_tokens`` the sequence goes through in tiles,
+    each checkpointed, so the (tokens, ffn_dim) intermediates exist for one tile at a time in the
+    forward and again in the backward (ALST's tiled MLP). The tile count depends only on the local
+    sequence length, which every rank of a layout has the same: sharded engines see the same
+    weight accesses on every rank."""
+
+    def __init__(self, dim: int, ffn_dim: int, tile_tokens: int = 0):
         super().__init__()
         self.w_gate = nn.Linear(dim, ffn_dim, bias=False)
         self.w_up = nn.Linear(dim, ffn_dim, bias=False)
         self.w_down = nn.Linear(ffn_dim, dim, bias=False)
+        self.tile_tokens = tile_tokens
+
+    def _mlp(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        tile = self.tile_tokens
+        if not tile or x.shape[1] <= tile:
+            return self._mlp(x)
+        grad = torch.is_grad_enabled() and x.requires_grad
+        tiles = [x[:, start:start + tile] for start in range(0, x.shape[1], tile)]
+        return torch.cat([checkpoint(self._mlp, t, use_reentrant=False) if grad else self._mlp(t) for t in tiles],
+                         dim=1)
 
 
 class Block(nn.Module):
@@ -117,7 +134,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(shape.dim, shape.norm_eps)
         self.attn = Attention(shape, core)
         self.mlp_norm = RMSNorm(shape.dim, shape.norm_eps)
-        self.mlp = SwiGLU(shape.dim, shape.ffn_dim)
+        self.mlp = SwiGLU(shape.dim, shape.ffn_dim, shape.mlp_tile_tokens)
 
     def forward(self, x, cos, sin, token_pos, doc_ids):
         x = x + self.attn(self.attn_norm(x), cos, sin, Coords(token_pos, doc_ids))

@@ -48,6 +48,12 @@ def _cases(rank, world, tmp, cps):
 def _two_ranks(rank, world, tmp):
     out = _cases(rank, world, tmp, CP)
     ring = [*CP["striped ring"], "cp.size=2", *EXACT]
+    # The tiled MLP (a tile count that does not divide the shard) under the sharding engines.
+    for engine in ("fsdp2", "zero3"):
+        over = ["engine=fsdp2"] if engine == "fsdp2" else ENGINES[engine]
+        t, losses, norms = _run([*over, *ring, "model.mlp_tile_tokens=48"], f"{tmp}/tiled-{engine}")
+        out["tiled", engine] = (losses, norms)
+        t.close()
     for stage in (1, 2, 3):
         over = [*ENGINES[f"zero{stage}"], *ring]
         t, _, _ = _run(over, f"{tmp}/resume{stage}", steps=2)
@@ -135,6 +141,15 @@ def test_zero_reproduces_ddp_losses_and_grad_norms(results, world, case, stage):
         losses, norms, _ = r[case, f"zero{stage}"]
         assert losses == pytest.approx(ddp_losses, rel=1e-6, abs=1e-6)
         assert norms == pytest.approx(ddp_norms, rel=1e-6)  # norms too: clipping could hide a factor
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_tiled_mlp_under_sharding_engines_reproduces_untiled_ddp(results, engine):
+    ddp_losses, ddp_norms, _ = results[2][0]["striped ring", "ddp"]
+    for r in results[2]:
+        losses, norms = r["tiled", engine]
+        assert losses == pytest.approx(ddp_losses, rel=1e-6, abs=1e-6)
+        assert norms == pytest.approx(ddp_norms, rel=1e-6)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -339,3 +339,43 @@ def test_attention_slot_swaps_per_layer_and_restores():
     assert calls == [0, 1] and all(b.attn.core is original for b in model.layers)
     with pytest.raises(ValueError, match="3 attention callables for 2 layers"):
         model.set_core_attention(per_layer + per_layer[:1])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiled_mlp_equals_the_untiled_mlp_forward_and_backward(checkpointing):
+    ids, pos, docs = inputs(2, 23, seed=7)
+    labels = torch.roll(ids, -1, dims=1)
+    results = []
+    for tile in (0, 5, 23, 64):  # uneven last tile, one tile, a tile longer than the sequence
+        model = make_model(seed=3, activation_checkpointing=checkpointing, num_layers=2, mlp_tile_tokens=tile)
+        model.train()
+        hidden = model(ids, pos, docs)
+        loss = chunked_cross_entropy(hidden, model.output_weight, labels, 8)
+        loss.backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        with torch.no_grad():  # eval runs the tiles without recomputation
+            torch.testing.assert_close(model.eval()(ids, pos, docs), hidden.detach(), atol=1e-12, rtol=1e-12)
+    (ref_hidden, ref_grads), *tiled = results
+    for hidden, grads in tiled:
+        torch.testing.assert_close(hidden, ref_hidden, atol=1e-12, rtol=1e-12)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-12, rtol=1e-12)
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        assert float(norm) == pytest.approx(float(torch.sqrt(sum((g ** 2).sum() for g in ref_grads.values()))),
+                                            rel=1e-12)
+
+
+def test_tiled_mlp_holds_one_tile_of_intermediates():
+    """Saved for backward inside the MLP: one tile's input per tile, never (tokens, ffn_dim)."""
+    from lctrain.models.llama import SwiGLU
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 8, dtype=F64, requires_grad=True)
+    sizes = {}
+    for tile in (0, 16):
+        mlp = SwiGLU(8, 32, tile).double()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            mlp(x).sum().backward()
+        sizes[tile] = max(saved)
+    assert sizes[0] >= 64 * 32 and sizes[16] <= 16 * 32
