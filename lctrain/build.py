@@ -37,7 +37,8 @@ def build_model(model, attention: CoreAttention, vocab_size_needed: int = 0, con
     if model.vocab_size < vocab_size_needed:
         raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size_needed}; set model.vocab_size={vocab_size_needed} or larger")
-    return Llama(model_shape(model, context_len), attention, activation_checkpointing=model.activation_checkpointing)
+    return Llama(model_shape(model, context_len), attention, activation_checkpointing=model.activation_checkpointing,
+                 checkpoint_every=model.checkpoint_every, activation_offload=model.activation_offload)
 
 
 def build_data(data):

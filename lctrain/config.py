@@ -47,6 +47,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    checkpoint_every: int = 1  # with activation_checkpointing: checkpoint every k-th block (selective)
+    activation_offload: bool = False  # with activation_checkpointing: checkpointed inputs in host memory
     # Tokens per cross-entropy chunk: the loss never holds (seq, vocab) logits.
     loss_chunk_tokens: int = 4096
     window: int = 0  # sliding-window attention over this many tokens (every strategy and kernel); 0: none
@@ -276,6 +278,11 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
             f"model.dim ({m.dim}) / model.num_heads ({m.num_heads}) must be an even head_dim and "
             f"num_heads must divide by model.num_kv_heads ({m.num_kv_heads})"
         )
+    if m.checkpoint_every < 1:
+        raise ValueError(f"model.checkpoint_every must be >= 1 (1: every block), got {m.checkpoint_every}")
+    if m.activation_offload and not m.activation_checkpointing:
+        raise ValueError("model.activation_offload=true offloads the inputs activation checkpointing keeps; "
+                         "set model.activation_checkpointing=true too")
     if m.mlp_tile_tokens < 0:
         raise ValueError(f"model.mlp_tile_tokens must be >= 0 (0: no tiling), got {m.mlp_tile_tokens}")
     if m.window < 0:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -335,6 +336,8 @@ class Trainer:
                            "train/step_time_s": dt, **self.attention.step_metrics()}
                 if self.env.device.type == "cuda":  # the allocator's own counter: no device sync
                     metrics["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+                else:  # this process's peak resident set (KiB on Linux): one syscall
+                    metrics["train/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 if self.step % self.cfg.logger.log_every == 0 or self.step == tc.steps:
                     self.tracker.log(metrics, self.step)
                     log.info("step %d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s", self.step, loss,

@@ -143,7 +143,8 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     def __init__(self, shape: LlamaShape, core_attention: CoreAttention,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, checkpoint_every: int = 1,
+                 activation_offload: bool = False):
         super().__init__()
         if shape.dim % shape.num_heads or shape.num_heads % shape.num_kv_heads:
             raise ValueError(
@@ -154,6 +155,8 @@ class Llama(nn.Module):
             raise ValueError(f"RoPE needs an even head_dim, got {shape.head_dim}; change model.dim or model.num_heads")
         self.shape = shape
         self.activation_checkpointing = activation_checkpointing
+        self.checkpoint_every = max(1, checkpoint_every)  # checkpoint blocks 0, k, 2k, ... (selective)
+        self.activation_offload = activation_offload  # checkpointed blocks keep their input in host memory
         self.embed = nn.Embedding(shape.vocab_size, shape.dim)
         self.layers = nn.ModuleList(Block(shape, core_attention) for _ in range(shape.num_layers))
         self.norm = RMSNorm(shape.dim, shape.norm_eps)
@@ -221,9 +224,14 @@ class Llama(nn.Module):
                 return self.interleaved_forward(input_ids, position_ids, doc_ids, token_pos, halves)
         x = self.embed(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        for block in self.layers:
-            if self._checkpointing():
-                x = checkpoint(block, x, cos, sin, token_pos, doc_ids, use_reentrant=False)
+        for index, block in enumerate(self.layers):
+            if self._checkpointing() and index % self.checkpoint_every == 0:
+                if self.activation_offload:  # the layer input waits in host memory for the recomputation
+                    host = _to_host(x)
+                    x = checkpoint(_on_device_block, block, x.device, host, cos, sin, token_pos, doc_ids,
+                                   use_reentrant=False)
+                else:
+                    x = checkpoint(block, x, cos, sin, token_pos, doc_ids, use_reentrant=False)
             else:
                 x = block(x, cos, sin, token_pos, doc_ids)
         return self.norm(x)
@@ -280,6 +288,20 @@ class Llama(nn.Module):
         """Logits only where mask is true: (num_true, vocab)."""
         logits = F.linear(hidden[mask], self.output_weight)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A differentiable host copy of ``x``: pinned and asynchronous from a GPU (the copy back in the
+    recomputation is ordered after it on the same stream); a plain copy on CPU."""
+    if not x.is_cuda:
+        return x.to("cpu", copy=True)
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+
+
+def _on_device_block(block, device, host_x, *args):
+    """A block on the device copy of its host-held input (activation offload): the checkpoint keeps
+    only ``host_x``, and the copy back runs again in the recomputation."""
+    return block(host_x.to(device, non_blocking=True), *args)
 
 
 def split_point(doc_ids: torch.Tensor) -> tuple[int, int] | None:

@@ -379,3 +379,26 @@ def test_tiled_mlp_holds_one_tile_of_intermediates():
             mlp(x).sum().backward()
         sizes[tile] = max(saved)
     assert sizes[0] >= 64 * 32 and sizes[16] <= 16 * 32
+
+
+@pytest.mark.parametrize("every,offload", [(1, True), (2, False), (2, True)])
+def test_selective_checkpointing_and_offload_change_nothing_but_memory(every, offload, monkeypatch):
+    import lctrain.models.llama as llama
+
+    ids, pos, docs = inputs(2, 17, seed=5)
+    labels = torch.roll(ids, -1, dims=1)
+    results, offloaded = [], []
+    real = llama._on_device_block
+    monkeypatch.setattr(llama, "_on_device_block", lambda *a: offloaded.append(a[2].device) or real(*a))
+    for ac in (False, True):
+        model = make_model(seed=3, num_layers=4, activation_checkpointing=ac)
+        model.checkpoint_every, model.activation_offload = every, offload and ac
+        model.train()
+        loss = chunked_cross_entropy(model(ids, pos, docs), model.output_weight, labels, 6)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    # Offloaded blocks (0, every, ...) run from their host copy in the forward and again when recomputed.
+    assert offloaded == ([torch.device("cpu")] * 2 * len(range(0, 4, every)) if offload else [])
