@@ -340,8 +340,9 @@ class Trainer:
                     metrics["train/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 if self.step % self.cfg.logger.log_every == 0 or self.step == tc.steps:
                     self.tracker.log(metrics, self.step)
-                    log.info("step %d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s", self.step, loss,
-                             metrics["train/lr"], self._last_grad_norm, tokens_per_step / dt)
+                    peak = metrics.get("train/peak_mem_gib", metrics.get("train/peak_rss_gib"))
+                    log.info("step %d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s peak %.3f GiB", self.step, loss,
+                             metrics["train/lr"], self._last_grad_norm, tokens_per_step / dt, peak)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
                 bar.update(1)
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
