@@ -24,7 +24,6 @@ deepspeed checkpoint's weights.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
 import warnings
@@ -100,8 +99,7 @@ def ds_config(cfg, world: int) -> dict:
     }
     from omegaconf import OmegaConf
 
-    extra = OmegaConf.to_container(ec.ds_config, resolve=True) if not isinstance(ec.ds_config, dict) else ec.ds_config
-    return _merge(config, extra or {})
+    return _merge(config, OmegaConf.to_container(OmegaConf.create(ec.ds_config), resolve=True))
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -109,6 +107,11 @@ def _merge(base: dict, over: dict) -> dict:
     for key, value in over.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def _nbytes(t) -> int:
+    """Bytes of a tensor; 0 for anything else (a buffer DeepSpeed has not allocated)."""
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
 class _RunInside(torch.nn.Module):
@@ -175,35 +178,29 @@ class DeepSpeedEngine(Engine):
             scheduler.step()
         if self.measured is None:
             self.measured = {**self.state_bytes(optimizer), "grads": grads}
-        return norm if math.isfinite(norm) else float("nan")
+        return norm
 
     # -------------------------------------------------------------- memory
     def state_bytes(self, optimizer) -> dict[str, int]:
         """Parameters as stored (the local ZeRO-3 shard, else the whole replica) plus the fp32
         master partition DeepSpeed keeps; optimizer state of the partition; gradient storage."""
-        def size(t) -> int:
-            return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
         opt = self.ds.optimizer
-        params = sum(size(p.ds_tensor) if hasattr(p, "ds_tensor") else size(p) for p in self.model.parameters())
+        params = sum(_nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _nbytes(p) for p in self.model.parameters())
         masters = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat",
                                                                                    [])
-        params += sum(size(m) for m in masters)
+        params += sum(_nbytes(m) for m in masters)
         inner = getattr(opt, "optimizer", opt)
-        optim = sum(size(v) for s in inner.state.values() for v in s.values())
+        optim = sum(_nbytes(v) for s in inner.state.values() for v in s.values())
         return {"params": params, "grads": self._grad_bytes(), "optimizer": optim}
 
     def _grad_bytes(self) -> int:
-        def size(t) -> int:
-            return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
         opt = self.ds.optimizer
-        held = sum(size(p.grad) for p in self.model.parameters())  # whole gradients, until reduced
+        held = sum(_nbytes(p.grad) for p in self.model.parameters())  # whole gradients, until reduced
         # the reduced partition: one flat buffer (stage 2 contiguous / stage 3), else per-tensor pieces
         flat = [getattr(opt, name, None) for name in ("grads_in_partition", "grad_partitions_flat_buffer")]
         if any(isinstance(t, torch.Tensor) for t in flat):
-            return held + sum(size(t) for t in flat)
-        return held + sum(size(g) for group in getattr(opt, "averaged_gradients", {}).values() for g in group or ())
+            return held + sum(_nbytes(t) for t in flat)
+        return held + sum(_nbytes(g) for group in getattr(opt, "averaged_gradients", {}).values() for g in group or ())
 
     # -------------------------------------------------------------- checkpoints
     def save_files(self, directory: Path, rank: int) -> dict[str, torch.Tensor] | None:
