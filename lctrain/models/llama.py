@@ -70,9 +70,11 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # "rotate half" convention (same as Hugging Face Llama weights).
+    # "rotate half" convention (same as Hugging Face Llama weights). Under autocast x is the bf16
+    # output of a projection and cos / sin are in the residual stream's dtype: rotate in the wider
+    # one, return x's, so q, k and v reach the attention in one dtype.
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):

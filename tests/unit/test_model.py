@@ -402,3 +402,31 @@ def test_selective_checkpointing_and_offload_change_nothing_but_memory(every, of
     assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
     # Offloaded blocks (0, every, ...) run from their host copy in the forward and again when recomputed.
     assert offloaded == ([torch.device("cpu")] * 2 * len(range(0, 4, every)) if offload else [])
+
+
+def test_bf16_autocast_trains_and_tracks_fp32():
+    """trainer.dtype=bfloat16 (and the GPU default): fp32 weights under bf16 autocast. The projections
+    come out in bf16 while RoPE's tables are fp32, so q / k are rotated in fp32 and cast back: the
+    attention slot gets q, k, v in one dtype, and loss and gradients stay near fp32's."""
+    ids, pos, docs = inputs(2, 24, seed=7)
+    labels = torch.roll(ids, -1, dims=1)
+    seen = []
+    inner = build_attention(strategy="none", kernel="torch")
+
+    def recording(q, k, v, coords, mask):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return inner(q, k, v, coords, mask)
+
+    results = []
+    for autocast in (False, True):
+        model = make_model(core=recording, seed=4, dtype=torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden = model(ids, pos, docs)
+            loss = chunked_cross_entropy(hidden, model.output_weight, labels, 16) / labels.numel()
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert seen[-1] == {torch.bfloat16} and seen[0] == {torch.float32}
+    (loss32, grad32), (loss16, grad16) = results
+    assert abs(loss16 - loss32) < 2e-2 * abs(loss32)
+    assert (grad16 - grad32).norm() < 5e-2 * grad32.norm()
+    assert abs(grad16.norm() / grad32.norm() - 1) < 2e-2
