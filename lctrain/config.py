@@ -187,6 +187,8 @@ class TrainerConfig:
     comm_timeout_s: float = 300.0  # a collective waiting this long fails the job, naming stalled ranks
     first_step_timeout_s: float = 1800.0  # the same for set-up and the first step (compiles, data)
     progress: bool = True
+    memory_check: bool = True  # stop at start-up when the memory estimate exceeds the device's memory
+    memory_profile: bool = False  # measure the first 2 steps' peak tensor bytes (profiler; slow)
     nan_check: bool = True
 
 
@@ -374,3 +376,8 @@ def compose_config(overrides=()):
     register_configs()
     with initialize_config_module(config_module="lctrain.conf", version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def compose_object(overrides=()) -> TrainConfig:
+    """``compose_config`` as a plain ``TrainConfig`` dataclass (fast to copy and to read)."""
+    return OmegaConf.to_object(compose_config(overrides))

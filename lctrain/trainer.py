@@ -43,6 +43,8 @@ from lctrain.distributed.watchdog import Heartbeat, is_timeout, set_timeout
 from lctrain.engines import build_engine
 from lctrain.evaluate import Evaluator
 from lctrain.interop.hf import apply_hf_config, load_hf_weights
+from lctrain.memory import check_fits
+from lctrain.memory.measure import MemorySpan, held_bytes
 from lctrain.models.loss import chunked_cross_entropy
 from lctrain.optim import build_optimizer
 from lctrain.preemption import StopRequests
@@ -109,6 +111,11 @@ class Trainer:
         self.setup = setup if setup is not None else setup_attention(cfg, env)
         if self.setup.serve is not None:
             raise ValueError(f"rank {env.rank} only serves attention; build it with lctrain.trainer.build_rank")
+        # Before the model exists: a step that cannot fit stops here, naming the knobs that fit.
+        self.memory_estimate, capacity = check_fits(cfg, self.setup.num_model_ranks, env.device, env.local_world_size,
+                                                    distributed=dist.is_initialized())
+        self._print(self.memory_estimate.summary() + (f" of {capacity / 2**30:.1f} GiB" if capacity else ""))
+        self._memory_span = None
         self.attention, self.groups, self.layout = self.setup.attention, self.setup.groups, self.setup.layout
         self.model_group = self.setup.model_group  # gradient, loss, eval and checkpoint collectives
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
@@ -132,6 +139,9 @@ class Trainer:
         self.engine = build_engine(cfg, self.model, self.model_group, env.device, self.setup.num_model_ranks)
         if cfg.model.name == "hf":  # pretrained weights (each fsdp2 rank reads its rows); a resume or warm start
             load_hf_weights(cfg.model.path, self.model)  # replaces them. deepspeed partitions them at attach.
+        if tc.memory_profile:  # measurement mode: what the engine holds now, then every allocation
+            self._memory_held = held_bytes(self.model, self.engine.name == "ddp")
+            self._memory_span = MemorySpan(env.device.type).__enter__()
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim, tc.steps)
         self.loader = ShardedLoader(self.dataset, tc.micro_batch_size, self.dp_rank, self.dp_size, cfg.data.seed)
         self.step = 0
@@ -323,8 +333,14 @@ class Trainer:
         try:
             while self.step < tc.steps:
                 t0 = time.perf_counter()
-                loss = self._guarded_step()
+                if self._memory_span is not None:
+                    with self._memory_span.phase(f"step {self.step + 1}"):
+                        loss = self._guarded_step()
+                else:
+                    loss = self._guarded_step()
                 dt = time.perf_counter() - t0
+                if self._memory_span is not None and self.step >= min(start_step + 2, tc.steps):
+                    self._report_memory_profile()
                 if self.step == start_step + 1:
                     self._report_state_bytes()  # gradients and optimizer state exist from the first step on
                     if torch.distributed.is_initialized():
@@ -391,6 +407,21 @@ class Trainer:
                     + ", ".join(f"{k} {worst[k] / 2**20:.2f} MiB" for k in keys)
                     + f" ({n} model ranks; {self.run_dir / 'state_bytes.json'})")
 
+    def _report_memory_profile(self) -> None:
+        """Close the measurement span (set-up and the first two steps) and write this rank's measured
+        peak next to the estimate in ``memory_rank<r>.json``."""
+        span, self._memory_span = self._memory_span, None
+        span.__exit__(None, None, None)
+        est = self.memory_estimate
+        held = self._memory_held
+        steps = {name: held + span.peak_in(name) for name in span.phase_names()}
+        peak = held + span.peak_bytes
+        record = {"rank": self.env.rank, "measured_peak_bytes": peak, "held_before_bytes": held, "step_peaks": steps,
+                  "estimate": est.as_dict(), "ratio": est.peak / max(peak, 1)}
+        (self.run_dir / f"memory_rank{self.env.rank}.json").write_text(json.dumps(record, indent=1))
+        log.info("memory: measured peak %.1f MiB, estimated %.1f MiB (ratio %.3f)", peak / 2**20,
+                 est.peak / 2**20, record["ratio"])
+
     def _draw_curves(self) -> None:
         """Rank 0: the run's curves next to its metrics (``lctrain-plot RUN_DIR`` redraws them)."""
         from lctrain.plot import plot_run
@@ -414,6 +445,9 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        if self._memory_span is not None:  # a run that ended before its second step: nothing to report
+            self._memory_span.__exit__(None, None, None)
+            self._memory_span = None
         self.stops.restore()
         self.heartbeat.close()
         self.tracker.close()

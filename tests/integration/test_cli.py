@@ -68,6 +68,25 @@ def test_torchrun_fsdp2_shards_the_model_state_and_reports_it(tmp_path):
     assert "initialised the model from" in warm.stdout and "step_00000003" in warm.stdout
 
 
+def test_torchrun_memory_profile_matches_the_estimate_and_the_fit_check_refuses(tmp_path):
+    """trainer.memory_profile=true: every rank measures its first two steps' peak (PyTorch profiler)
+    and writes it next to the estimate printed at start-up; a run that cannot fit stops before
+    building anything, naming the knobs."""
+    proc, _ = _run(["data.seq_len=4096", "trainer.steps=2", "trainer.eval_samples=1", "trainer.num_threads=1",
+                    "cp=striped", "cp.size=2", "model.activation_checkpointing=true", "trainer.memory_profile=true",
+                    "trainer.save_final=false"], tmp_path, "mem", torchrun_ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory per rank (estimate): params" in proc.stdout and "(2,048 tokens per rank)" in proc.stdout
+    for rank in (0, 1):
+        record = json.loads((tmp_path / "outputs" / "mem" / f"memory_rank{rank}.json").read_text())
+        assert set(record["step_peaks"]) == {"step 1", "step 2"}
+        assert abs(record["ratio"] - 1) < 0.10, record
+    big, _ = _run(["model=llama_1b", "data.seq_len=4194304", "model.activation_checkpointing=false"], tmp_path, "big")
+    assert big.returncode == 2
+    assert "per rank (estimate, peak at" in big.stderr and "trainer.memory_check=false runs it anyway" in big.stderr
+    assert not (tmp_path / "outputs" / "big" / "checkpoints").exists()
+
+
 def test_torchrun_deepspeed_zero3_starts_fast_without_building_extensions_and_resumes(tmp_path):
     if not os.environ.get("CI"):
         pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")  # CI requires it
