@@ -126,3 +126,20 @@ def test_gpu_check_dry_run_runs_every_part():
         ("triton", 128), ("torch", 128), ("torch", 512)}
     assert all(r["tokens_per_s"] > 0 for r in parts["train_throughput"]["rows"])
     assert parts["max_context"]["max_seq_len"] >= 512 and parts["train_resume"]["resumed"]
+
+
+def test_memory_dry_run_measures_and_predicts():
+    record = dry_run("memory.py", timeout=300)
+    (point,) = record["points"]
+    assert point["ranks"] == 2 and len(point["measured"]) == 2 and all(m > 0 for m in point["measured"])
+    assert all(0.7 < r < 1.3 for r in point["ratios"])
+    assert record["max_context"] and all(r["max_tokens"] > 0 for r in record["max_context"])
+    assert {r["recipe"].split(" (")[0] for r in record["alst"]} >= {"+ Ulysses SP 8", "+ tiled MLP"}
+
+
+def test_plan_validation_dry_run_times_and_predicts():
+    record = dry_run("plan_validation.py", timeout=300)
+    assert [r["setup"] for r in record["published"]] == ["8 x A100, 256k tokens", "16 x TPU v4, 786k tokens"]
+    assert all(r["predicted"] > 1 for r in record["published"])  # striped beats the contiguous ring
+    assert len(record["gloo"]) == 2 and all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in record["gloo"])
+    assert record["calibration"]["bandwidth_Bps"] > 0 and "2" in record["agreement"]
