@@ -307,8 +307,8 @@ def estimate(cfg, world: int, device_type: str = "cpu", distributed: bool = True
     phases["loss forward"] = saved + 2 * logits
     # (measured: the output weight's gradient arrives after the chunk's logits are gone)
     phases["loss backward"] = saved + 3 * logits
-    # DDP all-reduces a bucket asynchronously while the backward runs; gloo / NCCL may stage a copy
-    # of it (measured on gloo: one bucket more on some ranks, depending on timing)
+    # DDP all-reduces a bucket while the backward runs and the backend may stage a copy of it:
+    # on 2 gloo ranks the measured peaks sit one bucket above the same step on one rank
     bucket = min(grads, int(cfg.engine.bucket_mb * 2**20)) if engine == "ddp" else 0
     phases["loss backward"] += bucket
     done = head_grads + bucket
