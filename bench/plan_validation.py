@@ -5,12 +5,13 @@ over Ring Attention, and real steps of several strategies on gloo CPU ranks of t
    of the Striped Attention paper (Brandon et al. 2023): up to 1.45x at 256k tokens on 8 A100s and
    1.65x at 786k tokens on 16 TPU v4 chips. Their model sizes are not all restated here:
    ``llama_1b``'s shape stands in (the ratio depends mostly on the attention share of the step).
-2. **Measured on gloo**: the CPU preset is calibrated on this machine (one rank's fp32 matmul and
-   blockwise-attention throughput, gloo's point-to-point bandwidth and latency between two local
-   ranks), then ``lctrain.train`` times steps of the tiny model under ring (contiguous and striped),
-   Ulysses, all-gather and tree attention at P = 2 and 4, and the rank order and ratios of the
-   predicted step times are set against the measured ones. P ranks share the host's cores, so a
-   rank's compute rate is the calibrated one times min(1, cores / P).
+2. **Measured on gloo**: the CPU preset is calibrated on this machine (one rank's fp32 matmul
+   throughput; the blockwise attention kernel's cost per head-tile, per tile and per call, and a
+   partly masked tile's cost over a full one's; gloo's point-to-point bandwidth and latency
+   between two local ranks), then ``lctrain.train`` times steps of the tiny model under ring
+   (contiguous and striped), Ulysses, all-gather and tree attention at P = 2 and 4, and the rank
+   order and ratios of the predicted step times are set against the measured ones. With more
+   ranks than cores the plan's shared-core rule applies (``cluster.cores_per_node``).
 
     python bench/plan_validation.py              # ~10 min on 2 cores; run it alone (timing)
     python bench/plan_validation.py --dry-run    # short sequences, output to a temp dir
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lctrain.benchmarking import add_output_options, output_dir, pyplot, write_record
@@ -59,35 +61,78 @@ def published_ratios() -> list[dict]:
 
 # ----------------------------------------------------------------------------- calibration
 
-def _time(fn, repeat: int = 3) -> float:
+def _time(fn, repeat: int = 5) -> float:
+    """Median seconds of ``fn`` after a warm-up call."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
-def calibrate_compute() -> dict:
-    """fp32 matmul FLOP/s and blockwise attention FLOP/s (forward + backward) of one thread."""
+def calibrate_compute(heads: int = 4, head_dim: int = 32) -> dict:
+    """One thread's fp32 matmul FLOP/s; the blockwise kernel's FLOP/s on full tiles (a full
+    block, forward + backward) and a partly masked tile's cost over a full one's (a causal block
+    against the full one: the same tiles below the diagonal, the diagonal's partial)."""
     from lctrain_kernels.mask import Coords, Mask
-    from lctrain_kernels.torch_blockwise import blockwise_attention
+    from lctrain_kernels.torch_blockwise import DEFAULT_BLOCK_Q, blockwise_attention
 
     torch.set_num_threads(1)
     a, b = torch.randn(2048, 512), torch.randn(512, 1408)
     matmul = 2 * 2048 * 512 * 1408 / _time(lambda: a @ b)
-    n, h, d = 2048, 4, 32
-    q, k, v = (torch.randn(1, n, h, d, requires_grad=True) for _ in range(3))
-    coords = Coords.of_sequence(n, q.device)
+    side = 16
+    n = side * DEFAULT_BLOCK_Q
+    coords = Coords.of_sequence(n, torch.device("cpu"))
 
-    def step():
-        out, _ = blockwise_attention(q, k, v, coords, coords, Mask(causal=True))
-        out.sum().backward()
+    def call(causal: bool, h: int = heads) -> float:
+        q, k, v = (torch.randn(1, n, h, head_dim, requires_grad=True) for _ in range(3))
 
-    pairs = n * (n + 1) / 2
-    attention = pairs * 4 * h * d * 3.5 / _time(step)
-    return {"matmul_flops": matmul, "attention_flops": attention}
+        def step():
+            out, _ = blockwise_attention(q, k, v, coords, coords, Mask(causal=causal))
+            out.sum().backward()
+        return _time(step)
+
+    # per full tile, forward + backward: a fixed cost (dispatch) plus one per head (a Ulysses
+    # rank runs the same tiles with heads / P heads)
+    per_tile, per_tile_one_head = call(False) / side**2, call(False, 1) / side**2
+    per_head = (per_tile - per_tile_one_head) / (heads - 1)
+    fixed = max(0.0, per_tile_one_head - per_head)
+    per_partial = (call(True) - side * (side - 1) // 2 * per_tile) / side
+    attention = DEFAULT_BLOCK_Q**2 * 4 * head_dim * 3.5 / per_head
+    return {"matmul_flops": matmul, "attention_flops": attention, "tile_overhead_s": fixed / 2,
+            "partial_tile_cost": (per_partial - fixed) / (per_tile - fixed)}
+
+
+def calibrate(cores: int, rounds: int = 3) -> dict:
+    """Kernel rates alone and with every core busy, interleaved ``rounds`` times (the median of
+    each figure: this machine's speed drifts between minutes)."""
+    runs = {"alone": [], "loaded": []}
+    for _ in range(rounds):
+        runs["alone"].append(calibrate_compute())
+        runs["loaded"].append(calibrate_compute_loaded(cores))
+    return {name: {key: float(np.median([r[key] for r in rs])) for key in rs[0]} for name, rs in runs.items()}
+
+
+def _calibrate_worker(queue) -> None:
+    queue.put(calibrate_compute())
+
+
+def calibrate_compute_loaded(processes: int) -> dict:
+    """``calibrate_compute`` in ``processes`` processes at once, averaged: a rank's rates while
+    every core is busy (shared memory bandwidth and caches), as in the measured runs."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_calibrate_worker, args=(queue,)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return {key: sum(r[key] for r in results) / len(results) for key in results[0]}
 
 
 def _pingpong(rank: int, world: int, port: int, queue) -> None:
@@ -138,7 +183,8 @@ def calibrate_gloo() -> dict:
 
 # ----------------------------------------------------------------------------- measured steps
 
-def measure_step(strategy: str, layout: str, ranks: int, seq: int, work: Path, steps: int) -> float:
+def measure_steps(strategy: str, layout: str, ranks: int, seq: int, work: Path, steps: int) -> list[float]:
+    """Seconds of each step after the first of one ``lctrain.train`` run."""
     name = f"{strategy}_{layout}_{ranks}"
     args = [sys.executable, "-m", "lctrain.launch", f"--nproc-per-node={ranks}", "-m", "lctrain.train",
             "model=tiny", "model.num_layers=2", f"data.seq_len={seq}", f"cp={strategy}", f"cp.size={ranks}",
@@ -152,29 +198,69 @@ def measure_step(strategy: str, layout: str, ranks: int, seq: int, work: Path, s
     lines = (work / "outputs" / name / "train_rank0.log").read_text().splitlines()
     rates = [int(m.group(2)) for m in map(STEP_LINE.search, lines) if m]
     rates = rates[1:] or rates  # the first step warms up
-    return seq / (sum(rates) / len(rates))
+    return [seq / rate for rate in rates]
 
 
-def gloo_validation(seq: int, steps: int, calib: dict, ranks_list=(2, 4), strategies=STRATEGIES) -> list[dict]:
+def cpu_cluster(calib: dict, ranks: int, cores: int) -> list[str]:
+    """The cpu_gloo overrides for ``ranks`` ranks: the kernel's rates with every core busy, scaled
+    by the trainer's measured overhead factor; its speed-up when a rank computes alone; gloo."""
+    loaded, alone, factor = calib["loaded"], calib["alone"], calib["trainer_factor"]
+    return ["cluster=cpu_gloo", f"cluster.gpus_per_node={ranks}", f"cluster.cores_per_node={cores}",
+            f"cluster.peak_tflops={loaded['matmul_flops'] / factor / 1e12}",
+            f"cluster.attention_efficiency={loaded['attention_flops'] / loaded['matmul_flops']}",
+            f"cluster.partial_tile_cost={loaded['partial_tile_cost']}",
+            f"cluster.tile_overhead_us={loaded['tile_overhead_s'] * factor * 1e6}",
+            f"cluster.alone_speedup={alone['attention_flops'] / loaded['attention_flops']}",
+            f"cluster.nvlink_gbps={calib['bandwidth_Bps'] / 1e9}",
+            f"cluster.nvlink_latency_us={calib['latency_s'] * 1e6}"]
+
+
+def _tiny(seq: int):
+    return compose_object(["model=tiny", "model.num_layers=2", f"data.seq_len={seq}", "trainer.dtype=float32"])
+
+
+def trainer_factor(seq: int, steps: int, calib: dict, work: Path) -> float:
+    """Measured over predicted step time of one rank alone (cp=none) at ``seq`` tokens with the
+    kernel's rates alone: what a real step adds to the calibrated kernels (autograd, layout
+    transposes, the loss, the optimizer). Measured on the single-device path, not on any of the
+    validated strategies."""
+    measured = float(np.median(measure_steps("none", "contiguous", 1, seq, work, steps)))
+    alone = {**calib, "loaded": calib["alone"], "trainer_factor": 1.0}
+    cl = load_cluster(cpu_cluster(alone, 1, os.cpu_count() or 1))
+    predicted = predict(Candidate("none", "contiguous", 1, 1, "ddp", False, 0, False), _tiny(seq), cl,
+                        check_memory=False).step_s
+    print(f"one rank alone, {seq} tokens: measured {measured:.3f} s, kernels predict {predicted:.3f} s", flush=True)
+    return measured / predicted
+
+
+def gloo_validation(seq: int, steps: int, calib: dict, work: Path, ranks_list=(2, 4), strategies=STRATEGIES,
+                    reuse: dict | None = None, rounds: int = 2) -> list[dict]:
+    """Measured and predicted step times. Every point is measured in each of ``rounds``
+    interleaved rounds: its step time is the median of all its steps, its spread the range of
+    the rounds' medians (this machine's speed drifts). ``reuse`` maps (ranks, strategy, layout)
+    to a row measured before (a re-prediction with a new calibration or model)."""
     cores = os.cpu_count() or 1
+    points = [(ranks, strategy, layout) for ranks in ranks_list for strategy, layout in strategies]
+    runs = {p: [] for p in points}
+    for _ in range(rounds):
+        for point in points:
+            if not (reuse and point in reuse):
+                runs[point].append(measure_steps(point[1], point[2], point[0], seq, work, steps))
     rows = []
-    with tempfile.TemporaryDirectory() as work:
-        for ranks in ranks_list:
-            share = min(1.0, cores / ranks)
-            cl = load_cluster(["cluster=cpu_gloo", f"cluster.gpus_per_node={ranks}",
-                               f"cluster.peak_tflops={calib['matmul_flops'] * share / 1e12}",
-                               f"cluster.attention_efficiency={calib['attention_flops'] / calib['matmul_flops']}",
-                               f"cluster.nvlink_gbps={calib['bandwidth_Bps'] / 1e9}",
-                               f"cluster.nvlink_latency_us={calib['latency_s'] * 1e6}"])
-            cfg = compose_object(["model=tiny", "model.num_layers=2", f"data.seq_len={seq}", "trainer.dtype=float32"])
-            for strategy, layout in strategies:
-                measured = measure_step(strategy, layout, ranks, seq, Path(work), steps)
-                c = Candidate(strategy, layout, ranks, 1, "ddp", False, 0, False)
-                predicted = predict(c, cfg, cl, check_memory=False).step_s
-                rows.append({"ranks": ranks, "strategy": strategy, "layout": layout, "measured_s": measured,
-                             "predicted_s": predicted})
-                print(f"P={ranks} {strategy}/{layout}: measured {measured:.3f} s, predicted {predicted:.3f} s",
-                      flush=True)
+    for point in points:
+        ranks, strategy, layout = point
+        if reuse and point in reuse:
+            measured, low, high = (reuse[point][k] for k in ("measured_s", "measured_low_s", "measured_high_s"))
+        else:
+            medians = [float(np.median(r)) for r in runs[point]]
+            measured, low, high = float(np.median(sum(runs[point], []))), min(medians), max(medians)
+        cl = load_cluster(cpu_cluster(calib, ranks, cores))
+        c = Candidate(strategy, layout, ranks, 1, "ddp", False, 0, False)
+        predicted = predict(c, _tiny(seq), cl, check_memory=False).step_s
+        rows.append({"ranks": ranks, "strategy": strategy, "layout": layout, "measured_s": measured,
+                     "measured_low_s": low, "measured_high_s": high, "predicted_s": predicted})
+        print(f"P={ranks} {strategy}/{layout}: measured {measured:.3f} s (rounds {low:.3f}-{high:.3f}), "
+              f"predicted {predicted:.3f} s", flush=True)
     return rows
 
 
@@ -186,8 +272,19 @@ def _rank_agreement(rows: list[dict]) -> dict:
         pairs = [(a, b) for i, a in enumerate(sub) for b in sub[i + 1:]]
         agree = sum(1 if (a["measured_s"] - b["measured_s"]) * (a["predicted_s"] - b["predicted_s"]) > 0 else -1
                     for a, b in pairs)
+        # a pair is resolved when its rounds' ranges do not overlap: the machine ranks it the same
+        # way every round
+        resolved = [(a, b) for a, b in pairs
+                    if a["measured_low_s"] > b["measured_high_s"] or b["measured_low_s"] > a["measured_high_s"]]
+        agree_resolved = sum(1 if (a["measured_s"] - b["measured_s"]) * (a["predicted_s"] - b["predicted_s"]) > 0
+                             else 0 for a, b in resolved)
         label = [f"{r['strategy']}/{r['layout']}" for r in sub]
-        out[str(ranks)] = {"kendall_tau": agree / len(pairs),
+        ref = next((r for r in sub if (r["strategy"], r["layout"]) == ("ring", "striped")), sub[0])
+        ratios = {f"{r['strategy']}/{r['layout']}": {"measured": r["measured_s"] / ref["measured_s"],
+                                                     "predicted": r["predicted_s"] / ref["predicted_s"]} for r in sub}
+        out[str(ranks)] = {"kendall_tau": agree / len(pairs), "over_ring_striped": ratios,
+                           "resolved_pairs": len(resolved), "resolved_pairs_in_order": agree_resolved,
+                           "pairs": len(pairs),
                            "measured_order": [label[i] for i in sorted(range(len(sub)), key=lambda i: sub[i]["measured_s"])],
                            "predicted_order": [label[i] for i in sorted(range(len(sub)),
                                                                         key=lambda i: sub[i]["predicted_s"])]}
@@ -197,7 +294,10 @@ def _rank_agreement(rows: list[dict]) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved measurements of every point")
+    parser.add_argument("--reuse-measured", type=Path, default=None,
+                        help="a plan_validation.json whose measured step times to reuse (re-predict only)")
     add_output_options(parser, "1024 tokens, 2 steps, two strategies at P = 2")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -207,15 +307,35 @@ def main(argv=None) -> None:
     for r in published:
         print(f"striped over ring, {r['setup']}: predicted x{r['predicted']:.2f}, published x{r['published']:.2f} "
               f"(ratio {r['predicted_over_published']:.2f})")
-    calib = {**calibrate_compute(), **calibrate_gloo()}
-    print(f"calibration: matmul {calib['matmul_flops'] / 1e9:.1f} GFLOP/s, attention {calib['attention_flops'] / 1e9:.1f}"
-          f" GFLOP/s, gloo {calib['bandwidth_Bps'] / 1e9:.2f} GB/s, {calib['latency_s'] * 1e6:.0f} us")
-    rows = (gloo_validation(args.seq_len, args.steps, calib, (2,), STRATEGIES[:2]) if args.dry_run
-            else gloo_validation(args.seq_len, args.steps, calib))
+    cores = os.cpu_count() or 1
+    calib = {**calibrate(cores, rounds=1 if args.dry_run else 3), **calibrate_gloo()}
+    for name in ("alone", "loaded"):
+        c = calib[name]
+        print(f"calibration ({name}): matmul {c['matmul_flops'] / 1e9:.1f} GFLOP/s, attention "
+              f"{c['attention_flops'] / 1e9:.1f} GFLOP/s, partial tile x{c['partial_tile_cost']:.2f}, "
+              f"{c['tile_overhead_s'] * 1e6:.0f} us fixed per tile visit")
+    print(f"gloo {calib['bandwidth_Bps'] / 1e9:.2f} GB/s, {calib['latency_s'] * 1e6:.0f} us")
+    reuse = None
+    if args.reuse_measured:
+        import json
+
+        old = json.loads(args.reuse_measured.read_text())
+        if old["seq_len"] != args.seq_len:
+            raise ValueError(f"{args.reuse_measured} measured {old['seq_len']} tokens, not --seq-len {args.seq_len}")
+        reuse = {(r["ranks"], r["strategy"], r["layout"]): r for r in old["gloo"] if "measured_low_s" in r}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        calib["trainer_factor"] = trainer_factor(args.seq_len // 2, args.steps, calib, work)
+        print(f"trainer factor x{calib['trainer_factor']:.2f}")
+        rows = (gloo_validation(args.seq_len, args.steps, calib, work, (2,), STRATEGIES[:2], reuse, 1) if args.dry_run
+                else gloo_validation(args.seq_len, args.steps, calib, work, reuse=reuse, rounds=args.rounds))
     agreement = _rank_agreement(rows)
     for ranks, a in agreement.items():
-        print(f"P={ranks}: Kendall tau {a['kendall_tau']:.2f}; measured {a['measured_order']}; predicted "
-              f"{a['predicted_order']}")
+        print(f"P={ranks}: Kendall tau {a['kendall_tau']:.2f}; {a['resolved_pairs_in_order']} of the "
+              f"{a['resolved_pairs']} pairs the rounds agree on (of {a['pairs']}) predicted in order; measured "
+              f"{a['measured_order']}; predicted {a['predicted_order']}")
+        print("  over ring/striped, measured / predicted: " + ", ".join(
+            f"{name} {x['measured']:.2f} / {x['predicted']:.2f}" for name, x in a["over_ring_striped"].items()))
     record = {"published": published, "calibration": calib, "gloo": rows, "agreement": agreement,
               "seq_len": args.seq_len, "cores": os.cpu_count()}
     print(f"wrote {write_record(out / 'plan_validation.json', 'plan_validation', record, argv)}")
@@ -227,7 +347,9 @@ def main(argv=None) -> None:
     for ax, ranks in zip(axes[0], ranks_run):
         sub = [r for r in rows if r["ranks"] == ranks]
         xs = range(len(sub))
-        ax.bar([x - 0.2 for x in xs], [r["measured_s"] for r in sub], width=0.4, label="measured")
+        err = [[r["measured_s"] - r["measured_low_s"] for r in sub], [r["measured_high_s"] - r["measured_s"] for r in sub]]
+        ax.bar([x - 0.2 for x in xs], [r["measured_s"] for r in sub], width=0.4, yerr=err, capsize=3,
+               label="measured (bars: range of the rounds)")
         ax.bar([x + 0.2 for x in xs], [r["predicted_s"] for r in sub], width=0.4, label="predicted")
         ax.set_xticks(list(xs), [f"{r['strategy']}\n{r['layout']}" for r in sub], fontsize=7)
         ax.set(ylabel="step time (s)", title=f"tiny model, {args.seq_len} tokens, P={ranks} gloo ranks")

@@ -252,7 +252,7 @@ def skip_reason(strategy: str, cp: int, shape: ModelShape, ulysses_degree: int =
     return None
 
 
-def _ring_bytes(ranks: int, tokens: int, kv_heads: int, shape: ModelShape) -> tuple[int, int]:
+def ring_bytes(ranks: int, tokens: int, kv_heads: int, shape: ModelShape) -> tuple[int, int]:
     """A ring of ``ranks`` over blocks of ``tokens`` tokens and ``kv_heads`` K/V heads: forward
     (P-1) (K/V + coords); backward the same K/V again plus P fp32 dK/dV accumulators."""
     b, d = shape.batch, shape.head_dim
@@ -263,7 +263,7 @@ def _ring_bytes(ranks: int, tokens: int, kv_heads: int, shape: ModelShape) -> tu
     return forward, forward + ranks * acc
 
 
-def _ulysses_bytes(ranks: int, local: int, shape: ModelShape, grad_bytes: int) -> tuple[int, int]:
+def ulysses_bytes(ranks: int, local: int, shape: ModelShape, grad_bytes: int) -> tuple[int, int]:
     """The Ulysses exchanges of ``ranks`` ranks: each all-to-all sends the P - 1 rows (of
     heads / P) that leave the rank. Forward: coords all-gather, q/k/v, out, lse; backward:
     dout, then dq/dk/dv in ``grad_bytes`` per element. K/V heads are replicated P / h_kv times
@@ -318,18 +318,18 @@ def traffic_per_rank(strategy: str, cp: int, seq_len: int, shape: ModelShape, ul
         return Traffic()
     local = seq_len // cp
     if strategy == "ring":
-        return Traffic(*_ring_bytes(cp, local, shape.h_kv, shape), cp - 1, 2 * cp - 1)
+        return Traffic(*ring_bytes(cp, local, shape.h_kv, shape), cp - 1, 2 * cp - 1)
     if strategy == "allgather":
-        forward, _ = _ring_bytes(cp, local, shape.h_kv, shape)
+        forward, _ = ring_bytes(cp, local, shape.h_kv, shape)
         kv_and_grad = 2 * shape.batch * local * shape.h_kv * shape.head_dim * (shape.elem_bytes + shape.acc_bytes)
         return Traffic(forward, (cp - 1) * kv_and_grad, 2, 2)
     if strategy == "ulysses":
-        return Traffic(*_ulysses_bytes(cp, local, shape, shape.acc_bytes), 4, 2)
+        return Traffic(*ulysses_bytes(cp, local, shape, shape.acc_bytes), 4, 2)
     if strategy == "usp":
         u, groups = ulysses_degree, cp // ulysses_degree
         kv_heads = shape.h_kv * kv_replicas(shape.h_kv, u) // u
-        exchange = _ulysses_bytes(u, local, shape, shape.elem_bytes)
-        ring = _ring_bytes(groups, u * local, kv_heads, shape)
+        exchange = ulysses_bytes(u, local, shape, shape.elem_bytes)
+        ring = ring_bytes(groups, u * local, kv_heads, shape)
         return Traffic(exchange[0] + ring[0], exchange[1] + ring[1], groups + 3, 2 * groups + 1)
     if strategy == "tree":
         return Traffic(*_tree_bytes(cp, local, shape), 4, 3)

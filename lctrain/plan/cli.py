@@ -116,7 +116,14 @@ def _plot(path: Path, cfg, cl: ClusterConfig, best: list[Prediction]) -> None:
     print(f"wrote {path}")
 
 
-def main(argv=None) -> list[Prediction]:
+def main(argv=None) -> None:
+    """The console script: prints the plan (a console script's return value would become its
+    exit status)."""
+    run(argv)
+
+
+def run(argv=None) -> list[Prediction]:
+    """Parse ``argv``, print the plan, write --json / --png; the ranked predictions."""
     parser = argparse.ArgumentParser(prog="lctrain-plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="training overrides, plus cluster=NAME and cluster.FIELD=VALUE")
     parser.add_argument("--top", type=int, default=12, help="feasible rows to print")

@@ -26,6 +26,12 @@ class ClusterConfig:
     pcie_gbps: float = 50.0  # device <-> host (activation offload)
     matmul_efficiency: float = 0.6
     attention_efficiency: float = 0.4
+    attention_block: int = 128  # query / key tile edge of the local attention kernel
+    partial_tile_cost: float = 1.0  # a partly masked tile's time over a full tile's
+    tile_overhead_us: float = 0.0  # fixed time per tile visited (a CPU kernel's per-tile dispatch)
+    attention_call_us: float = 0.0  # fixed time per local kernel call (launches, the partial merge)
+    cores_per_node: int = 0  # 0: a device per rank; else the ranks of a node share this many cores
+    alone_speedup: float = 1.0  # a rank computing while the others wait, over all computing (shared caches)
     usable_memory: float = 0.9  # of memory_gib: the rest is the CUDA context, NCCL buffers, fragmentation
 
     @property
@@ -35,6 +41,11 @@ class ClusterConfig:
     @property
     def capacity_bytes(self) -> float:
         return self.memory_gib * 2**30 * self.usable_memory
+
+    @property
+    def shares_cores(self) -> bool:
+        """More ranks than cores on a node (CPU ranks)."""
+        return bool(self.cores_per_node) and self.gpus_per_node > self.cores_per_node
 
     def link(self, group_size: int) -> tuple[float, float]:
         """(bytes/s, seconds of latency) of the slowest link a group of ``group_size`` consecutive

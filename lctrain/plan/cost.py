@@ -5,10 +5,13 @@ Per GPU and per step (one sequence per data-parallel replica, micro batch 1):
 - **matmuls**: 2 FLOPs per weight per token forward, twice that backward, plus the recomputed
   forwards (checkpointed blocks; the tiled MLP's tiles once more), at
   ``peak_tflops x matmul_efficiency``;
-- **attention**: 4 h d FLOPs per visible (query, key) pair forward and 2.5x that backward (the
-  five matmuls of a flash backward against two), counted exactly by ``lctrain.attention.balance``
-  for the layout and the strategy (the busiest rank; a ring waits for the slowest rank at every
-  step), at ``peak_tflops x attention_efficiency``;
+- **attention**: the local kernel's work tile by tile (``lctrain.plan.tiles``): every tile a
+  call visits costs 4 h d FLOPs per (query, key) pair of a full tile forward and 2.5x that
+  backward (the five matmuls of a flash backward against two), a partly masked tile
+  ``partial_tile_cost`` full ones, plus fixed costs per tile and per call; the busiest rank's
+  tiles for the layout and the strategy (a ring waits for the slowest rank at every step), at
+  ``peak_tflops x attention_efficiency``. Ranks sharing cores (``cores_per_node``) are also
+  bounded by their node's total compute over its cores;
 - **context-parallel traffic**: the strategy's bytes and messages per layer from
   ``balance.traffic_per_rank`` on the slowest link of the cp group (NVLink inside a node,
   InfiniBand across). A ring hides a hop behind the step's compute: each step costs
@@ -31,13 +34,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from lctrain.attention.balance import (ModelShape, _ring_bytes, _ulysses_bytes, one_document, skip_reason,
-                                       strategy_work, traffic_per_rank, work_matrix)
+import numpy as np
+
+from lctrain.attention.balance import (ModelShape, one_document, ring_bytes, skip_reason, strategy_work,
+                                       traffic_per_rank, ulysses_bytes, work_matrix)
 from lctrain.attention.layouts import get_layout
 from lctrain.attention.strategies.ulysses import kv_replicas
 from lctrain_kernels.mask import PAD_DOC, Mask
 from lctrain.memory.model import Dtypes, Shape, estimate
 from lctrain.plan.cluster import ClusterConfig
+from lctrain.plan.tiles import tile_count_matrices
 
 
 @dataclass(frozen=True)
@@ -95,39 +101,87 @@ class Prediction:
                 "overrides": c.overrides()}
 
 
-EXACT_TOKENS = 65536  # the work matrix is counted exactly at up to this many tokens, then scaled
+EXACT_TOKENS = 65536  # work is counted exactly at up to this many tokens, then scaled
+
+
+def _exact_length(layout: str, cp: int, seq_len: int, window: int) -> tuple[int, int]:
+    """(padded length, the length counted exactly): the trainer pads to the layout's multiple;
+    full causal attention is counted at up to ``EXACT_TOKENS`` and scaled (a planner needs the
+    balance, not the last pair); a window is counted at the full length (its pairs grow linearly)."""
+    multiple = 2 * cp if layout == "zigzag" else cp
+    padded = -(-seq_len // multiple) * multiple
+    return padded, padded if window else min(padded, max(multiple, EXACT_TOKENS // multiple * multiple))
+
+
+def _document(length: int, real: int) -> np.ndarray:
+    doc = one_document(length)
+    doc[real:] = PAD_DOC  # the padding the trainer adds sees nothing and is seen by nothing
+    return doc
 
 
 @lru_cache(maxsize=64)
 def _work(layout: str, cp: int, seq_len: int, window: int = 0):
-    """W[r, j] of one document of ``seq_len`` tokens (padded to the layout's multiple, as the
-    trainer pads) over ``cp`` ranks, causal (and windowed). Full causal attention is counted
-    exactly at up to ``EXACT_TOKENS`` tokens and scaled by the squared length ratio: every entry
-    grows as s^2 up to O(s) terms (a planner needs the balance, not the last pair); a window is
-    counted at the full length, since its pairs grow linearly."""
-    multiple = 2 * cp if layout == "zigzag" else cp
-    padded = -(-seq_len // multiple) * multiple
-    small = padded if window else min(padded, max(multiple, EXACT_TOKENS // multiple * multiple))
-    w = _exact_work(layout, cp, small, min(seq_len, small), window)
+    """W[r, j]: visible pairs of one document of ``seq_len`` tokens over ``cp`` ranks, causal (and
+    windowed); every entry grows as s^2 up to O(s) terms, so a long sequence is scaled."""
+    padded, small = _exact_length(layout, cp, seq_len, window)
+    w = work_matrix(get_layout(layout, cp), _document(small, min(seq_len, small)),
+                    Mask(causal=True, window=window or None))
     return w if small == padded else w * ((padded / small) ** 2)
 
 
+MAX_TILES_PER_SIDE = 64  # a shard's tiles are counted on at most this grid, then scaled
+
+
 @lru_cache(maxsize=64)
-def _exact_work(layout: str, cp: int, length: int, real: int, window: int):
-    doc = one_document(length)
-    doc[real:] = PAD_DOC  # the padding the trainer adds sees nothing and is seen by nothing
-    return work_matrix(get_layout(layout, cp), doc, Mask(causal=True, window=window or None))
+def _tile_work(layout: str, cp: int, seq_len: int, window: int, block: int, partial_cost: float):
+    """(T[r, j] pair-equivalent tile work, tiles visited) of the same document with the kernel's
+    ``block`` x ``block`` tiles. Tiles are counted on a grid of at most ``MAX_TILES_PER_SIDE``
+    per shard (the exact length, the tile shrunk in proportion) and scaled to the real grid:
+    partly masked tiles lie along the mask's boundaries (lines: they grow with the side), full
+    ones fill an area (they grow with its square)."""
+    padded, small = _exact_length(layout, cp, seq_len, window)
+    side = padded / cp / block  # real tiles per shard side
+    grid = min(side, MAX_TILES_PER_SIDE)
+    tile = max(1, round(small / cp / grid))
+    doc = _document(small, min(seq_len, small))
+    mask = Mask(causal=True, window=window or None)
+    full, partial = tile_count_matrices(get_layout(layout, cp), doc, mask, tile, tile)
+    visited = full + partial
+    scale = side / (small / cp / tile)
+    # refined by `scale`, a full tile gives scale^2 full ones; a partial one (the boundary crosses
+    # it, about half visible) gives `scale` partial ones along the boundary and half the rest full
+    full = (visited - partial) * scale**2 + partial * (scale**2 - scale) / 2
+    partial = partial * scale
+    return (full + partial_cost * partial) * block**2, full + partial
 
 
-def _pairs(layout: str, cp: int, seq_len: int, strategy: str, ulysses: int, window: int = 0) -> tuple[float, float]:
-    """(pairs of the busiest rank, lockstep pairs: the sum over ring steps of the slowest rank's)
-    of one attention layer, one document of ``seq_len`` tokens."""
-    w = _work(layout, cp, seq_len, window).astype("int64")
-    if cp == 1:
-        return float(w.sum()), float(w.sum())
-    work = strategy_work(strategy, w, ulysses)
+@dataclass(frozen=True)
+class AttentionWork:
+    """One attention layer's local-kernel work on one sequence, in pair-equivalents of tile work."""
+
+    busiest: float  # the busiest rank's
+    mean: float  # the mean over ranks (what ranks sharing cores add up to)
+    lockstep: float  # ring: the sum over steps of the slowest rank's; otherwise the busiest's
+    tiles: float  # tiles the busiest rank visits (each costs the per-tile overhead)
+    calls: int  # kernel calls per pass per rank (a ring makes one per step)
+
+
+def attention_work(c: Candidate, cl: ClusterConfig, seq_len: int, window: int = 0) -> AttentionWork:
+    strategy = c.strategy if c.cp > 1 else "none"
+    w, counts = _tile_work(c.layout, c.cp, seq_len, window, cl.attention_block, cl.partial_tile_cost)
+    if c.cp == 1:
+        return AttentionWork(float(w.sum()), float(w.sum()), float(w.sum()), float(counts.sum()), 1)
+    work = strategy_work(strategy, w.round().astype("int64"), c.ulysses)
+    tiles = strategy_work(strategy, counts.round().astype("int64"), c.ulysses)
+    # Ulysses' ranks each walk the whole (usp: the group's) tile grid with a share of the heads
+    walkers = {"ulysses": c.cp, "usp": c.ulysses}.get(strategy, 1)
     lockstep = sum(work.ring_step_max) if work.ring_step_max is not None else max(work.per_rank)
-    return max(work.per_rank), lockstep
+    if strategy == "ring" and cl.alone_speedup != 1.0 and not cl.shares_cores:
+        # the slowest rank's work beyond the runner-up's runs while the others wait
+        steps = [sorted(w[r, (r - i) % c.cp] for r in range(c.cp))[-2:] for i in range(c.cp)]
+        lockstep = sum(second + (top - second) / cl.alone_speedup for second, top in steps)
+    calls = {"ring": c.cp, "usp": c.cp // c.ulysses}.get(strategy, 1)
+    return AttentionWork(max(work.per_rank), work.mean, lockstep, max(tiles.per_rank) * walkers, calls)
 
 
 def _comm_shape(shape: Shape) -> ModelShape:
@@ -136,50 +190,54 @@ def _comm_shape(shape: Shape) -> ModelShape:
 
 def attention_seconds(c: Candidate, cl: ClusterConfig, shape: Shape, seq_len: int,
                       window: int = 0) -> tuple[float, float, float]:
-    """(compute, exposed communication, pairs of the busiest rank) of one layer's attention for one
-    sequence, forward + backward (+ the recomputed forward under checkpointing), for candidate ``c``."""
+    """(compute of the busiest rank, exposed communication, mean compute over ranks) of one layer's
+    attention for one sequence, forward + backward (+ the recomputed forward under
+    checkpointing), for candidate ``c``. Compute is tile work at the attention rate plus the
+    kernel's per-tile and per-call overheads."""
     strategy = c.strategy if c.cp > 1 else "none"
-    busiest, lockstep = _pairs(c.layout, c.cp, seq_len, "ring" if strategy == "none" else strategy, c.ulysses,
-                               window)
+    work = attention_work(c, cl, seq_len, window)
     rate = cl.peak_tflops * 1e12 * cl.attention_efficiency
     per_pair = 4 * shape.heads * shape.head_dim
     passes = 1 + 2.5 + (1 if c.checkpointing else 0)
+    visits = 2 + (1 if c.checkpointing else 0)  # tile and call visits: forward, backward, recomputed forward
+    overhead = visits * (work.tiles * cl.tile_overhead_us + work.calls * cl.attention_call_us) * 1e-6
+    mean = work.mean * per_pair * passes / rate + overhead
     if strategy == "none":
-        return busiest * per_pair * passes / rate, 0.0, busiest
+        return work.busiest * per_pair * passes / rate + overhead, 0.0, mean
     ms = _comm_shape(shape)
     local = seq_len // c.cp
     bw, lat = cl.link(c.cp)
-    if strategy == "ring":
-        traffic = traffic_per_rank("ring", c.cp, seq_len, ms)
-        hop_fwd = lat + traffic.forward / (c.cp - 1) / bw
-        hop_bwd = lat + (traffic.backward - traffic.forward) / c.cp / bw  # dK/dV accumulators; K/V again
-        hop_bwd += hop_fwd
-        step_compute = lockstep / c.cp * per_pair / rate  # one ring step of the slowest rank
-        fwd = (c.cp - 1) * max(step_compute, hop_fwd) + step_compute
-        bwd = (c.cp - 1) * max(2.5 * step_compute, hop_bwd) + 2.5 * step_compute + hop_bwd  # + the last hop home
-        compute = lockstep * per_pair * passes / rate
+    if strategy in ("ring", "usp"):
+        steps = work.calls
+        # one ring step of the slowest rank, forward: its tiles at the rate plus its overheads
+        step_flops = work.lockstep / steps * per_pair / rate
+        step_overhead = (work.tiles / steps * cl.tile_overhead_us + cl.attention_call_us) * 1e-6
+        exchange = 0.0
+        if strategy == "ring":
+            traffic = traffic_per_rank("ring", c.cp, seq_len, ms)
+            hop_fwd = lat + traffic.forward / (c.cp - 1) / bw
+            hop_bwd = hop_fwd + lat + (traffic.backward - traffic.forward) / c.cp / bw  # K/V again, dK/dV
+        else:
+            u = c.ulysses
+            ex_fwd, ex_bwd = ulysses_bytes(u, local, ms, ms.elem_bytes)
+            bw_u, lat_u = cl.link(u)  # the Ulysses groups: consecutive ranks, inside a node when u fits
+            refwd = 1 if c.checkpointing else 0
+            exchange = (ex_fwd * (1 + refwd) + ex_bwd) / bw_u + (4 * (1 + refwd) + 2) * lat_u
+            kv_heads = ms.h_kv * kv_replicas(ms.h_kv, u) // u
+            ring_fwd, ring_bwd = ring_bytes(steps, u * local, kv_heads, ms)
+            hop_fwd = lat + ring_fwd / (steps - 1) / bw
+            hop_bwd = hop_fwd + lat + (ring_bwd - ring_fwd) / steps / bw
+        step_fwd, step_bwd = step_flops + step_overhead, 2.5 * step_flops + step_overhead
+        fwd = (steps - 1) * max(step_fwd, hop_fwd) + step_fwd
+        bwd = (steps - 1) * max(step_bwd, hop_bwd) + step_bwd + hop_bwd  # + the last hop home
+        compute = work.lockstep * per_pair * passes / rate + overhead
         total = fwd * (2 if c.checkpointing else 1) + bwd
-        return compute, max(0.0, total - compute), busiest
-    if strategy == "usp":
-        u, groups = c.ulysses, c.cp // c.ulysses
-        ex_fwd, ex_bwd = _ulysses_bytes(u, local, ms, ms.elem_bytes)
-        bw_u, lat_u = cl.link(u)  # the Ulysses groups: consecutive ranks, inside a node when u fits
-        refwd = 1 if c.checkpointing else 0
-        exchange = (ex_fwd * (1 + refwd) + ex_bwd) / bw_u + (4 * (1 + refwd) + 2) * lat_u
-        kv_heads = ms.h_kv * kv_replicas(ms.h_kv, u) // u
-        ring_fwd, ring_bwd = _ring_bytes(groups, u * local, kv_heads, ms)
-        hop = lat + ring_fwd / (groups - 1) / bw
-        hop_bwd = hop + lat + (ring_bwd - ring_fwd) / groups / bw  # K/V again and the fp32 dK/dV
-        step_compute = lockstep / groups * per_pair / rate
-        fwd = (groups - 1) * max(step_compute, hop) + step_compute
-        bwd = (groups - 1) * max(2.5 * step_compute, hop_bwd) + 2.5 * step_compute + hop_bwd
-        compute = lockstep * per_pair * passes / rate
-        return compute, max(0.0, fwd * (1 + refwd) + bwd - compute) + exchange, busiest
+        return compute, max(0.0, total - compute) + exchange, mean
     traffic = traffic_per_rank(strategy, c.cp, seq_len, ms)
     refwd = 1 if c.checkpointing else 0
     exposed = (traffic.forward * (1 + refwd) + traffic.backward) / bw \
         + (traffic.messages_forward * (1 + refwd) + traffic.messages_backward) * lat
-    return busiest * per_pair * passes / rate, exposed, busiest
+    return work.busiest * per_pair * passes / rate + overhead, exposed, mean
 
 
 def predict(c: Candidate, cfg, cl: ClusterConfig, check_memory: bool = True) -> Prediction:
@@ -219,7 +277,7 @@ def predict(c: Candidate, cfg, cl: ClusterConfig, check_memory: bool = True) -> 
     tiled = c.mlp_tile and tokens // batch > c.mlp_tile
     recompute = layer_flops * ckpt_share + (mlp_flops if tiled else 0)
     layer_compute = (3 * layer_flops + recompute) / mm_rate
-    attn_compute, attn_comm, busiest = (batch * x for x in attention_seconds(c, cl, shape, seq, cfg.model.window))
+    attn_compute, attn_comm, attn_mean = (batch * x for x in attention_seconds(c, cl, shape, seq, cfg.model.window))
     # engine traffic per block, hidden behind the block's compute by prefetching
     bw, lat = cl.link(world)
     p_layer = shape.layer_params()
@@ -240,6 +298,13 @@ def predict(c: Candidate, cfg, cl: ClusterConfig, check_memory: bool = True) -> 
     head_flops = 2 * shape.vocab * shape.dim * tokens * 4  # forward, recomputed per chunk, backward
     optimizer_s = 24 * shape.params() / (world if c.engine != "ddp" else 1) / (cl.hbm_gbps * 1e9)
     step = shape.layers * block + head_flops / mm_rate + optimizer_s
+    if cl.shares_cores:
+        # Ranks share cores: a waiting rank gives its core away, so the step is at least the
+        # whole node's compute spread over its cores (the critical path above runs at one core
+        # per rank).
+        node_compute = cl.gpus_per_node * (shape.layers * (layer_compute + attn_mean) + head_flops / mm_rate
+                                           + optimizer_s)
+        step = max(step, node_compute / cl.cores_per_node)
     pred.step_s = step
     pred.tokens_per_gpu_s = tokens / step
     pairs = float(_work(c.layout, c.cp, seq, cfg.model.window).sum())  # every visible pair of a sequence

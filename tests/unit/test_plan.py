@@ -7,6 +7,7 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -94,6 +95,13 @@ def test_cli_json_and_errors(tmp_path):
     record = json.loads(out.read_text())
     assert record["best_command"] in proc.stdout and len(record["rows"]) > 100
     assert (tmp_path / "plan.png").stat().st_size > 10_000
+    # the installed console script exits 0 and prints only the plan
+    script = Path(sys.executable).parent / "lctrain-plan"
+    if script.exists():
+        console = subprocess.run([str(script), "model=tiny", "data.seq_len=4096", "cluster=cpu_gloo", "--top", "2"],
+                                 capture_output=True, text=True, timeout=120)
+        assert console.returncode == 0 and not console.stderr.strip(), console.stderr[-2000:]
+        assert "best: torchrun" in console.stdout and "Prediction(" not in console.stdout
     bad = subprocess.run([sys.executable, "-m", "lctrain.plan.cli", "cluster=v100"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "cluster='v100' is not a preset" in bad.stderr
@@ -112,3 +120,71 @@ def test_windows_and_uneven_lengths():
     windowed = predict(ring, _cfg("model=llama_1b", "data.seq_len=262144", "model.window=4096"), cl)
     assert windowed.parts["attention"] < 0.1 * full.parts["attention"]
     assert windowed.parts["matmul"] == pytest.approx(full.parts["matmul"])
+
+
+@pytest.mark.parametrize("layout,cp,window,real", [("contiguous", 2, 0, 1024), ("striped", 4, 0, 1024),
+                                                   ("zigzag", 2, 0, 1000), ("striped", 2, 200, 1024)])
+def test_tile_counts_are_the_kernels_tile_plan(layout, cp, window, real):
+    """The planner's vectorised tile rule visits exactly the tiles torch_blockwise's plan visits,
+    for every block a strategy computes (padding and windows included)."""
+    import numpy as np
+    import torch
+
+    from lctrain.attention.layouts import get_layout
+    from lctrain.plan.tiles import tile_counts
+    from lctrain_kernels.mask import PAD_DOC, Coords, Mask, tile_fully_visible, tile_may_be_visible, tile_ranges
+
+    seq, block = 1024, 64
+    doc = np.zeros(seq, dtype=np.int64)
+    doc[real:] = PAD_DOC
+    mask = Mask(causal=True, window=window or None)
+    lay = get_layout(layout, cp)
+    shards = [(p.numpy(), doc[p.numpy()]) for p in (lay.positions(seq, r) for r in range(cp))]
+    for q in shards:
+        for k in shards:
+            qr, kr = (tile_ranges(Coords(torch.from_numpy(x[0]), torch.from_numpy(x[1])), block) for x in (q, k))
+            may = [(a, b) for a in qr for b in kr if tile_may_be_visible(a, b, mask)]
+            full = sum(tile_fully_visible(a, b, mask) for a, b in may)
+            assert tile_counts(q, k, mask, block, block) == (full, len(may) - full)
+
+
+def test_tile_work_and_shared_cores():
+    from lctrain.plan.cost import attention_work
+
+    cfg = _cfg("model=tiny", "model.num_layers=2", "data.seq_len=8192", "trainer.dtype=float32")
+    cl = load_cluster(["cluster=cpu_gloo", "cluster.gpus_per_node=2", "cluster.partial_tile_cost=2"])
+    ring = {lay: attention_work(Candidate("ring", lay, 2, 1, "ddp", False, 0, False), cl, 8192)
+            for lay in ("contiguous", "striped")}
+    uly = attention_work(Candidate("ulysses", "contiguous", 2, 1, "ddp", False, 0, False), cl, 8192)
+    # 8192 tokens, 256-token tiles: 32 x 33 / 2 tiles, 32 of them on the diagonal (cost 2)
+    assert uly.mean * 2 == (32 * 31 / 2 + 2 * 32) * 256**2 and uly.tiles == 32 * 33 / 2 and uly.calls == 1
+    # a striped ring pays a diagonal per ring step: twice Ulysses' partial tiles per rank
+    assert ring["striped"].lockstep == (2 * 16 * 15 / 2 + 2 * 2 * 16) * 256**2 and ring["striped"].calls == 2
+    # the contiguous ring's busy rank computes a full block (no partial tiles) and a causal one
+    assert ring["contiguous"].lockstep == (16 * 16 + 16 * 15 / 2 + 2 * 16) * 256**2
+    # ranks beyond the cores: the node's total compute over its cores bounds the step
+    four = ["cluster=cpu_gloo", "cluster.gpus_per_node=4"]
+    c = Candidate("ring", "contiguous", 4, 1, "ddp", False, 0, False)
+    own = predict(c, cfg, load_cluster(four + ["cluster.cores_per_node=4"])).step_s
+    shared = predict(c, cfg, load_cluster(four + ["cluster.cores_per_node=2"])).step_s
+    assert shared > own
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
+def test_coarse_tile_grid_scales_to_the_exact_count(layout):
+    """A shard of more than MAX_TILES_PER_SIDE tiles is counted on a coarse grid and scaled;
+    the result matches the exact count at the real tile size."""
+    import numpy as np
+
+    from lctrain.attention.layouts import get_layout
+    from lctrain.plan.cost import MAX_TILES_PER_SIDE, _tile_work
+    from lctrain.plan.tiles import tile_work_matrix
+    from lctrain_kernels.mask import Mask
+
+    seq, cp, block = 65536, 2, 128
+    assert seq // cp // block > MAX_TILES_PER_SIDE
+    work, visited = _tile_work(layout, cp, seq, 0, block, 3.0)
+    doc = np.zeros(seq, dtype=np.int64)
+    exact = tile_work_matrix(get_layout(layout, cp), doc, Mask(causal=True), block, block, 3.0)
+    exact_visited = tile_work_matrix(get_layout(layout, cp), doc, Mask(causal=True), block, block, 1.0) / block**2
+    assert np.allclose(work, exact, rtol=0.01) and np.allclose(visited, exact_visited, rtol=0.01)
