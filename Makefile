@@ -9,7 +9,7 @@ NPROC ?= 2
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test clean
+.PHONY: setup train passkey test clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,17 @@ $(STAMP): pyproject.toml
 train: setup
 	$(PY) -m lctrain.launch --nproc-per-node=$(NPROC) -m lctrain.train experiment=cpu_demo \
 		cp.size=$(NPROC) $(ARGS)
+
+# Passkey retrieval on CPU in three warm-started stages (~20 minutes on 2 cores; see README):
+# copy circuit on digits and letters -> passkey in short documents -> 4096-token sequences split
+# over $(NPROC) ranks with striped ring attention. Each stage's run directory is outputs/$(PASSKEY_RUN)-<stage>.
+PASSKEY_RUN := passkey-$(shell date +%Y%m%d-%H%M%S)
+passkey: setup
+	LCTRAIN_RUN_ID=$(PASSKEY_RUN)-1-copy $(PY) -m lctrain.train experiment=cpu_passkey_1_copy $(ARGS)
+	LCTRAIN_RUN_ID=$(PASSKEY_RUN)-2-short $(PY) -m lctrain.train experiment=cpu_passkey_2_short \
+		trainer.init_from=outputs/$(PASSKEY_RUN)-1-copy $(ARGS)
+	LCTRAIN_RUN_ID=$(PASSKEY_RUN)-3-4k $(PY) -m lctrain.launch --nproc-per-node=$(NPROC) -m lctrain.train \
+		experiment=cpu_passkey_3_4k cp.size=$(NPROC) trainer.init_from=outputs/$(PASSKEY_RUN)-2-short $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

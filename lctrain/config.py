@@ -76,6 +76,7 @@ class DataConfig:
     copy_alphabet: int = 4096  # random token ids after the tokenizer's (chance: 1/copy_alphabet)
     copy_curriculum_samples: int = 0  # documents grow from copy_min_doc_len to seq_len over these samples
     copy_min_doc_len: int = 256
+    copy_tokens: str = "fresh"  # fresh: ids after the tokenizer's | text: its digits and letters (<= 62)
     # recall
     recall_classes: int = 16  # needles (and queries) per document, one per class
     recall_values: int = 64  # values a needle can carry (chance: 1/recall_values)

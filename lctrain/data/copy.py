@@ -5,7 +5,9 @@ A sequence is one document
     BOS, r_1 ... r_D, r_1 ... r_C, EOS
 
 with r drawn from ``alphabet`` token ids placed after the tokenizer's vocabulary (so they are
-never text), without repetition when the alphabet is large enough. Every token of the copy
+never text), without repetition when the alphabet is large enough; ``tokens="text"`` draws them
+from the tokenizer's own digits and letters instead (at most 62), so the copy circuit is learned
+on the tokens a text task such as passkey copies (its warm start). Every token of the copy
 equals the token exactly ``distance`` = D positions before it, and nothing else predicts it:
 the copy can only be produced by attending D tokens back, and the random first half gives
 nothing to learn. So the copy tokens are the only targets (``answer_mask``; every other label
@@ -38,6 +40,10 @@ from lctrain.data.sample import check_index, check_seed, sample_rng
 from lctrain.data.tokenizer import ByteTokenizer, Tokenizer
 
 
+COPY_TOKENS = ("fresh", "text")
+TEXT_SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 def default_distance(seq_len: int) -> int:
     """The largest odd D with BOS + D tokens + a copy of D tokens + EOS inside seq_len."""
     distance = (seq_len - 2) // 2
@@ -48,7 +54,8 @@ class LongCopyDataset:
     """Deterministic, infinite stream of copy sequences; sample i is a function of (seed, i)."""
 
     def __init__(self, seq_len: int, seed: int, tokenizer: Tokenizer | None = None, distance: int = 0,
-                 alphabet: int = 4096, curriculum_samples: int = 0, min_doc_len: int = 256):
+                 alphabet: int = 4096, curriculum_samples: int = 0, min_doc_len: int = 256,
+                 tokens: str = "fresh"):
         check_seed(seed)
         self.seq_len, self.seed = seq_len, seed
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
@@ -58,9 +65,19 @@ class LongCopyDataset:
                              f"1 <= distance <= seq_len - 3 (0 picks {default_distance(seq_len)})")
         if alphabet < 2:
             raise ValueError(f"data.copy_alphabet={alphabet}: need at least 2 random token ids")
+        if tokens not in COPY_TOKENS:
+            raise ValueError(f"data.copy_tokens must be one of {COPY_TOKENS}, got {tokens!r}")
         self.alphabet = alphabet
-        self.first_id = self.tokenizer.vocab_size  # random ids follow the tokenizer's: never text
-        self.vocab_size_needed = self.first_id + alphabet
+        if tokens == "fresh":  # random ids follow the tokenizer's: never text
+            self.ids = self.tokenizer.vocab_size + np.arange(alphabet)
+        else:  # the tokenizer's own digits and letters: the copy skill on the tokens text tasks use
+            text_ids = np.array(self.tokenizer.encode(TEXT_SYMBOLS), dtype=np.int64)
+            if len(text_ids) != len(TEXT_SYMBOLS) or alphabet > len(text_ids):
+                raise ValueError(f"data.copy_tokens=text draws from the {len(TEXT_SYMBOLS)} digits and letters, one "
+                                 f"token each: need data.copy_alphabet <= {len(TEXT_SYMBOLS)} and a tokenizer that "
+                                 f"encodes each as one token (the byte tokenizer does), got {alphabet}")
+            self.ids = text_ids[:alphabet]
+        self.vocab_size_needed = max(self.tokenizer.vocab_size, int(self.ids.max()) + 1)
         self.copy_len = min(self.distance, seq_len - self.distance - 2)
         self.curriculum = Curriculum(seq_len, curriculum_samples, min_doc_len, "copy")
 
@@ -69,7 +86,7 @@ class LongCopyDataset:
         """The dataset ``data=copy`` describes (a ``DataConfig``)."""
         return cls(seq_len=data.seq_len, seed=data.seed, tokenizer=tokenizer, distance=data.copy_distance,
                    alphabet=data.copy_alphabet, curriculum_samples=data.copy_curriculum_samples,
-                   min_doc_len=data.copy_min_doc_len)
+                   min_doc_len=data.copy_min_doc_len, tokens=data.copy_tokens)
 
     @property
     def chance(self) -> float:
@@ -98,9 +115,9 @@ class LongCopyDataset:
     def _document(self, rng: np.random.Generator, length: int, distance: int, copy_len: int):
         """(tokens, is_copy) of one document: BOS, distance random tokens, their copy, filler, EOS."""
         unique = self.alphabet >= distance
-        source = self.first_id + rng.choice(self.alphabet, size=distance, replace=not unique)
+        source = self.ids[rng.choice(self.alphabet, size=distance, replace=not unique)]
         tail = length - 1 - distance - copy_len  # random filler, then EOS
-        filler = self.first_id + rng.integers(0, self.alphabet, size=tail - 1)
+        filler = self.ids[rng.integers(0, self.alphabet, size=tail - 1)]
         tokens = np.concatenate([[self.tokenizer.bos_id], source, source[:copy_len], filler, [self.tokenizer.eos_id]])
         is_copy = np.zeros(length, dtype=bool)
         is_copy[1 + distance: 1 + distance + copy_len] = True

@@ -55,3 +55,22 @@ def test_an_oracle_scores_100_percent_and_a_constant_predictor_scores_chance():
     constant = eval_with_predictor("copy", lambda labels: torch.full_like(labels, 259 + 17))
     assert constant["eval/answer_acc"] <= 8 / (8 * 255)  # each unique source holds the token at most once
     assert constant["eval/answer_chance"] == 1 / 4096 and constant["eval/answer_exact"] == 0.0
+
+
+def test_text_tokens_copy_digits_and_letters_and_bad_alphabets_are_refused():
+    import pytest
+
+    from lctrain.data.copy import TEXT_SYMBOLS
+
+    ds = LongCopyDataset(512, seed=1, alphabet=62, curriculum_samples=100, min_doc_len=32, tokens="text")
+    s = ds.sample(3)
+    assert_sample_invariants(s, 512, answers_only=True)
+    text = set(ByteTokenizer().encode(TEXT_SYMBOLS))
+    body = s["input_ids"][(s["input_ids"] != ByteTokenizer.bos_id) & (s["input_ids"] != ByteTokenizer.eos_id)]
+    assert set(body.tolist()) <= text and ds.vocab_size_needed == 259
+    assert_pure_and_resumable(lambda seed: LongCopyDataset(512, seed=seed, alphabet=62, curriculum_samples=40,
+                                                           min_doc_len=32, tokens="text"))
+    with pytest.raises(ValueError, match="copy_alphabet <= 62"):
+        LongCopyDataset(512, seed=1, alphabet=100, tokens="text")
+    with pytest.raises(ValueError, match="copy_tokens must be one of"):
+        LongCopyDataset(512, seed=1, tokens="bytes")

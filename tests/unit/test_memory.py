@@ -176,3 +176,18 @@ def test_gpu_recipes_fit_80gb_gpus_by_the_estimate(tmp_path, experiment, shape, 
                           "model.vocab_size=128256"])
     est = estimate(cfg, gpus, "cuda")
     assert est.peak < 79.6 * 2**30, est.summary()
+
+
+GPU_PASSKEY_STAGES = [[], ["data.seq_len=131072", "data.docs_per_seq=8"], ["data.seq_len=131072", "data.docs_per_seq=1"]]
+
+
+@pytest.mark.parametrize("stage", GPU_PASSKEY_STAGES, ids=["32k", "128k_docs16k", "128k"])
+def test_gpu_passkey_stages_validate_and_fit_80gb_gpus(stage):
+    """The README's GPU passkey stages on 8 GPUs compose, validate and pass the start-up fit check
+    of an 80 GB H100 (79.6 GiB, 90% usable) by the estimate."""
+    from lctrain.config import validate
+
+    cfg = compose_config(["experiment=gpu_passkey", *stage])
+    assert validate(cfg, 8) == 1
+    est = estimate(cfg, 8, "cuda")
+    assert est.peak < 0.9 * 79.6 * 2**30, est.summary()
