@@ -14,8 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from lctrain.benchmarking import add_output_options, output_dir, pyplot, write_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -28,7 +26,10 @@ def stage_record(run: Path) -> dict:
     train = [r for r in rows if "train/loss" in r]
     evals = [r for r in rows if "eval/answer_acc" in r]
     overrides = run / ".hydra" / "overrides.yaml"
-    return {"run": run.name, "overrides": list(OmegaConf.load(overrides)) if overrides.exists() else [],
+    # Hydra writes the command line's overrides as a YAML list of plain strings, one per line
+    listed = [line[2:].strip() for line in overrides.read_text().splitlines() if line.startswith("- ")] \
+        if overrides.exists() else []
+    return {"run": run.name, "overrides": listed,
             "steps": max(r["step"] for r in train), "step_seconds": sum(r.get("train/step_time_s", 0.0) for r in train),
             "train_loss": [[r["step"], r["train/loss"]] for r in train if r["step"] % 10 == 0],
             "eval_answer_acc": [[r["step"], r["eval/answer_acc"]] for r in evals],

@@ -143,3 +143,21 @@ def test_plan_validation_dry_run_times_and_predicts():
     assert all(r["predicted"] > 1 for r in record["published"])  # striped beats the contiguous ring
     assert len(record["gloo"]) == 2 and all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in record["gloo"])
     assert record["calibration"]["bandwidth_Bps"] > 0 and "2" in record["agreement"]
+
+
+def test_passkey_stages_records_each_stage_from_its_run_directory(tmp_path):
+    runs = []
+    for name, acc in (("s1", None), ("s2", 0.5)):
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- experiment=cpu_passkey_{name}\n- trainer.steps=20\n")
+        rows = [{"step": s, "train/loss": 3.0 / s, "train/step_time_s": 0.5} for s in range(1, 21)]
+        if acc is not None:
+            rows.append({"step": 20, "eval/answer_acc": acc, "eval/answer_chance": 0.1})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(str(run))
+    record = dry_run("passkey_stages.py", *runs)
+    first, second = record["stages"]
+    assert first["overrides"] == ["experiment=cpu_passkey_s1", "trainer.steps=20"] and first["eval_answer_acc"] == []
+    assert second["steps"] == 20 and second["step_seconds"] == 10.0 and second["eval_answer_acc"] == [[20, 0.5]]
+    assert [x for x, _ in second["train_loss"]] == [10, 20]
