@@ -152,7 +152,8 @@ def test_tile_work_and_shared_cores():
     from lctrain.plan.cost import attention_work
 
     cfg = _cfg("model=tiny", "model.num_layers=2", "data.seq_len=8192", "trainer.dtype=float32")
-    cl = load_cluster(["cluster=cpu_gloo", "cluster.gpus_per_node=2", "cluster.partial_tile_cost=2"])
+    cl = load_cluster(["cluster=cpu_gloo", "cluster.gpus_per_node=2", "cluster.partial_tile_cost=2",
+                       "cluster.alone_speedup=1"])
     ring = {lay: attention_work(Candidate("ring", lay, 2, 1, "ddp", False, 0, False), cl, 8192)
             for lay in ("contiguous", "striped")}
     uly = attention_work(Candidate("ulysses", "contiguous", 2, 1, "ddp", False, 0, False), cl, 8192)
@@ -162,6 +163,11 @@ def test_tile_work_and_shared_cores():
     assert ring["striped"].lockstep == (2 * 16 * 15 / 2 + 2 * 2 * 16) * 256**2 and ring["striped"].calls == 2
     # the contiguous ring's busy rank computes a full block (no partial tiles) and a causal one
     assert ring["contiguous"].lockstep == (16 * 16 + 16 * 15 / 2 + 2 * 16) * 256**2
+    # a rank computing while the other waits (the full block of ring step 1) runs alone_speedup faster
+    alone = load_cluster(["cluster=cpu_gloo", "cluster.gpus_per_node=2", "cluster.partial_tile_cost=2",
+                          "cluster.alone_speedup=2"])
+    work = attention_work(Candidate("ring", "contiguous", 2, 1, "ddp", False, 0, False), alone, 8192)
+    assert work.lockstep == (16 * 16 / 2 + 16 * 15 / 2 + 2 * 16) * 256**2
     # ranks beyond the cores: the node's total compute over its cores bounds the step
     four = ["cluster=cpu_gloo", "cluster.gpus_per_node=4"]
     c = Candidate("ring", "contiguous", 4, 1, "ddp", False, 0, False)
